@@ -1,0 +1,1 @@
+"""The SGRAF retrieval network (SGR and SAF heads)."""
