@@ -1,0 +1,1 @@
+"""Data layer: SCAN precomp reader, tokenizer, noise, prepared format, pipeline."""

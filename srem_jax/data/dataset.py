@@ -1,0 +1,127 @@
+"""Everything a run needs from the data, opened from a config.
+
+Owns the start-up sequence: generate the synthetic dataset when the config
+asks for it, prepare the ArrayRecord copy when it is missing, open the
+train/validation/test splits and resolve the noisy correspondences. When the
+features are missing it says where it looked and what layout it expects.
+
+    data = dataset.open_data(config, workdir, log=print)
+    data.train.n_captions, data.noise.t2i, data.val_images
+"""
+
+import dataclasses
+import os
+from typing import Callable
+
+from srem_jax.data import layout, noise, pipeline, prepare, synthetic
+from srem_jax.errors import UserError
+
+_LAYOUT_HELP = (
+  "expected the SCAN precomp layout: <raw_dir>/<name>/{split}_ims.npy "
+  "(float32 N x regions x dim) with {split}_caps.txt (5 lines per image) or "
+  "{split}_caps.tsv, and the vocabulary <raw_dir>/vocab/<name>_vocab.json "
+  "(or data.vocab_path). To try the code without real features run "
+  "`python -m srem_jax.main --config=configs/demo.py`, which uses the embedded "
+  "synthetic dataset"
+)
+
+
+@dataclasses.dataclass
+class RunData:
+  train: pipeline.PreparedSplit
+  val: pipeline.PreparedSplit
+  test: pipeline.PreparedSplit
+  noise: noise.Noise
+  caption_len: int
+  val_images: int  # images of the validation split used every epoch
+  vocab_size: int
+  prepared_dir: str
+
+
+def prepared_dir_for(data_cfg) -> str:
+  return data_cfg.prepared_dir or os.path.join(data_cfg.raw_dir, "prepared")
+
+
+def ensure_prepared(data_cfg, log: Callable[[str], None]) -> str:
+  """Generates (synthetic) and prepares the dataset if needed; returns its dir."""
+  raw_folder = os.path.join(data_cfg.raw_dir, data_cfg.name)
+  prepared_dir = prepared_dir_for(data_cfg)
+  splits = sorted({data_cfg.train_split, data_cfg.val_split, data_cfg.test_split})
+  if prepare.is_prepared(prepared_dir, data_cfg.name, splits):
+    return prepared_dir
+  if not os.path.isdir(raw_folder) and data_cfg.synthetic.enabled:
+    syn = data_cfg.synthetic
+    log(f"generating the synthetic dataset into {raw_folder} (seed {syn.seed})")
+    synthetic.generate(
+      data_cfg.raw_dir,
+      name=data_cfg.name,
+      num_train=syn.num_train,
+      num_dev=syn.num_dev,
+      num_test=syn.num_test,
+      num_regions=syn.num_regions,
+      feature_dim=syn.feature_dim,
+      num_concepts=syn.num_concepts,
+      seed=syn.seed,
+    )
+  if not os.path.isdir(raw_folder):
+    raise UserError(
+      f"no dataset at {os.path.abspath(raw_folder)} (data.raw_dir="
+      f"{data_cfg.raw_dir!r}, data.name={data_cfg.name!r}) and no prepared copy "
+      f"at {os.path.abspath(prepared_dir)}; {_LAYOUT_HELP}"
+    )
+  vocab_path = layout.resolve_vocab_path(
+    data_cfg.raw_dir, data_cfg.name, data_cfg.vocab_path
+  )
+  if not os.path.isfile(vocab_path):
+    raise UserError(f"vocabulary file {vocab_path} not found; {_LAYOUT_HELP}")
+  log(f"preparing {raw_folder} into {prepared_dir} (once; later runs reuse it)")
+  prepare.prepare(
+    data_cfg.raw_dir, data_cfg.name, vocab_path, prepared_dir, splits, log=log
+  )
+  return prepared_dir
+
+
+def open_data(config, workdir: str, log: Callable[[str], None] = print) -> RunData:
+  data_cfg = config.data
+  prepared_dir = ensure_prepared(data_cfg, log)
+  train = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.train_split)
+  val = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.val_split)
+  test = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.test_split)
+  if train.feature_dim != config.model.img_dim:
+    raise UserError(
+      f"config model.img_dim={config.model.img_dim} but the features of "
+      f"{data_cfg.name} have width {train.feature_dim}"
+    )
+  longest = max(s.max_caption_len for s in (train, val, test))
+  caption_len = data_cfg.caption_len or longest
+  if caption_len < longest:
+    raise UserError(
+      f"config data.caption_len={caption_len} is shorter than the longest "
+      f"caption ({longest} tokens with <start>/<end>); use 0 or >= {longest}"
+    )
+  n_val = data_cfg.val_images or val.n_images
+  if n_val > val.n_images:
+    raise UserError(
+      f"config data.val_images={n_val} but split {data_cfg.val_split!r} has "
+      f"only {val.n_images} images"
+    )
+  run_noise = noise.resolve_noise(
+    ratio=config.noise.ratio,
+    protocol=config.noise.protocol,
+    seed=config.noise.seed,
+    file=config.noise.file,
+    n_caps=train.n_captions,
+    n_imgs=train.n_images,
+    caps_per_image=train.caps_per_image,
+    workdir=workdir,
+  )
+  return RunData(
+    train=train,
+    val=val,
+    test=test,
+    noise=run_noise,
+    caption_len=caption_len,
+    val_images=n_val,
+    vocab_size=train.vocab_size,
+    prepared_dir=prepared_dir,
+  )

@@ -1,0 +1,275 @@
+"""Retrieval evaluation with the published protocols, alone or inside training.
+
+Each image and caption of a split is embedded exactly once (padded batches
+carry a mask), the all-pairs SGRAF scores are computed tile by tile with the
+image rows of a tile spread over the devices, and recalls are ranked by
+`metrics`. Several models (checkpoints, or NCR's model A and B) form an
+ensemble by averaging their similarity matrices, as SGRAF does.
+
+    python -m srem_jax.evaluate --config=configs/flickr.py \
+        --checkpoint=workdirs/flickr [--checkpoint=other] [--dump_sims=sims.npy]
+"""
+
+import os
+
+import jax
+import numpy as np
+from absl import flags
+
+from srem_jax import checkpoint, cli, losses, metrics, sharding
+from srem_jax.data import dataset, pipeline
+from srem_jax.errors import UserError
+from srem_jax.models import tiling
+from srem_jax.models.sgraf import SGRAF, CaptionEmbedding, ImageEmbedding, build_model
+from srem_jax.reporting import Reporter, recall_table
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _to_host(tree):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree.map(np.asarray, tree)
+
+
+def embed_split(model, variables, split, config, mesh, caption_len, num_images):
+  """Embeds the first `num_images` images and their captions, each once."""
+  devices = mesh.devices.size
+  batch_size = _round_up(config.eval.batch_size, devices)
+  pindex, pcount = jax.process_index(), jax.process_count()
+
+  encode_images = jax.jit(
+    lambda v, x: model.apply(v, x, train=False, method=SGRAF.encode_images)
+  )
+  encode_captions = jax.jit(
+    lambda v, t, n: model.apply(v, t, n, train=False, method=SGRAF.encode_captions)
+  )
+  parts = []
+  for batch in pipeline.image_batches(
+    split, batch_size, num_images=num_images, process_index=pindex, process_count=pcount
+  ):
+    gb = sharding.global_batch(batch, mesh)
+    emb, mask = _to_host((encode_images(variables, gb["images"]), gb["mask"]))
+    parts.append(jax.tree.map(lambda x: x[mask], emb))
+  img = ImageEmbedding(*(np.concatenate(x) for x in zip(*parts)))
+  parts, cap_to_img = [], []
+  for batch in pipeline.caption_batches(
+    split,
+    batch_size,
+    caption_len,
+    num_images=num_images,
+    process_index=pindex,
+    process_count=pcount,
+  ):
+    gb = sharding.global_batch(batch, mesh)
+    emb, mask, owner = _to_host(
+      (
+        encode_captions(variables, gb["tokens"], gb["lengths"]),
+        gb["mask"],
+        gb["img_index"],
+      )
+    )
+    parts.append(jax.tree.map(lambda x: x[mask], emb))
+    cap_to_img.append(owner[mask])
+  cap = CaptionEmbedding(*(np.concatenate(x) for x in zip(*parts)))
+  return img, cap, np.concatenate(cap_to_img)
+
+
+def similarity_matrix(model, variables, split, config, mesh, caption_len, num_images):
+  """(num_images, their captions) scores and the clean caption→image index."""
+  img, cap, cap_to_img = embed_split(
+    model, variables, split, config, mesh, caption_len, num_images
+  )
+  rows = sharding.data_sharding(mesh)
+  full = sharding.replicated(mesh)
+  img_tile = _round_up(config.eval.img_tile, mesh.devices.size)
+  score = jax.jit(
+    lambda v, i, c: model.apply(v, i, c, train=False, method=SGRAF.score),
+    in_shardings=(full, rows, full),
+    out_shardings=full,
+  )
+  sims = tiling.score_all(
+    lambda i, c: score(variables, i, c),
+    img,
+    cap,
+    img_tile=img_tile,
+    cap_tile=config.eval.cap_tile,
+  )
+  return sims, cap_to_img
+
+
+def rank_metrics(sims, cap_to_img, protocol: str = "full") -> dict:
+  if protocol == "coco":
+    return metrics.coco_protocol(sims, cap_to_img)
+  return metrics.retrieval_metrics(sims, cap_to_img)
+
+
+def evaluate_split(
+  model, variables, split, config, mesh, caption_len, num_images, protocol="full"
+) -> dict:
+  sims, cap_to_img = similarity_matrix(
+    model, variables, split, config, mesh, caption_len, num_images
+  )
+  return rank_metrics(sims, cap_to_img, protocol)
+
+
+def train_set_statistics(model, variables, data, config, mesh, *, tau, temp):
+  """Per-caption in-batch cross-entropy and energy over the training set.
+
+  Batches follow a seeded order of the whole (noisy) training set; the last
+  one is padded and its padding masked out of every softmax.
+  """
+  devices = mesh.devices.size
+  batch_size = _round_up(config.train.batch_size, devices)
+  n = data.train.n_captions
+  ce, energy = np.zeros(n, np.float32), np.zeros(n, np.float32)
+
+  @jax.jit
+  def stats(v, batch):
+    scores = model.apply(
+      v, batch["images"], batch["tokens"], batch["lengths"], train=False
+    )
+    return losses.per_sample_stats(scores, tau, temp, valid=batch["mask"])
+
+  for batch in pipeline.pair_batches(
+    data.train, data.noise.t2i, batch_size, data.caption_len, seed=config.train.seed
+  ):
+    out = _to_host(stats(variables, sharding.global_batch(batch, mesh)))
+    keep = batch["mask"]
+    ce[batch["cap_index"][keep]] = out["ce"][keep]
+    energy[batch["cap_index"][keep]] = out["energy"][keep]
+  return ce, energy
+
+
+# ---- command line -----------------------------------------------------------
+
+
+def _define_flags():
+  """Flags exist only when this module is the program (train imports it too)."""
+  return dict(
+    config=cli.define_config_flag(),
+    checkpoint=flags.DEFINE_multi_string(
+      "checkpoint",
+      [],
+      "Run workdir, orbax checkpoint folder or NCR .pth.tar (repeatable).",
+    ),
+    split=flags.DEFINE_string(
+      "split", None, "Split to evaluate (default data.test_split)."
+    ),
+    protocol=flags.DEFINE_enum(
+      "protocol", None, ["full", "coco"], "full, or coco (5-fold 1K and 5K)."
+    ),
+    torch_model=flags.DEFINE_enum(
+      "torch_model", "AB", ["A", "B", "AB"], "Model(s) of an NCR checkpoint to use."
+    ),
+    dump_sims=flags.DEFINE_string("dump_sims", None, "Write the ranked matrix (.npy)."),
+    workdir=flags.DEFINE_string(
+      "workdir", None, "Output folder (default <first checkpoint>/eval_<split>)."
+    ),
+  )
+
+
+def _models_for(path, config, vocab_size, torch_model):
+  """(model, variables) pairs that one --checkpoint contributes."""
+  if path.endswith((".pth", ".pth.tar", ".tar")):
+    from srem_jax.models import torch_import  # needs the optional torch extra
+
+    pairs = []
+    for overrides, variables in torch_import.load_torch_checkpoint(path, torch_model):
+      model_cfg = config.model.copy_and_resolve_references()
+      with model_cfg.unlocked():
+        for key, value in overrides.items():
+          if key in model_cfg:
+            model_cfg[key] = value
+      vocab = overrides.get("vocab_size", vocab_size)
+      if vocab != vocab_size:
+        raise UserError(
+          f"{path}: the checkpoint's vocabulary has {vocab} words but the "
+          f"prepared data uses {vocab_size}; use the vocabulary it was trained with"
+        )
+      pairs.append((build_model(model_cfg, vocab_size), variables))
+    return pairs
+  variables, _ = checkpoint.load_variables(path)
+  return [(build_model(config.model, vocab_size), variables)]
+
+
+def run_evaluation(
+  config,
+  checkpoints,
+  *,
+  split_name=None,
+  protocol=None,
+  torch_model="AB",
+  dump_sims=None,
+  workdir=None,
+) -> dict:
+  """Evaluates one model or an ensemble; writes results.json and metrics.jsonl."""
+  if not checkpoints:
+    raise UserError(
+      "--checkpoint is required (a run workdir, checkpoint folder or .pth.tar)"
+    )
+  mesh = sharding.make_mesh(config.mesh.data)
+  split_name = split_name or config.data.test_split
+  protocol = protocol or config.data.eval_protocol
+  prepared_dir = dataset.ensure_prepared(config.data, log=print)
+  split = pipeline.load_prepared(prepared_dir, config.data.name, split_name)
+  caption_len = max(config.data.caption_len, split.max_caption_len)
+  models = [
+    pair
+    for path in checkpoints
+    for pair in _models_for(path, config, split.vocab_size, torch_model)
+  ]
+  total = None
+  for model, variables in models:
+    variables = jax.device_put(variables, sharding.replicated(mesh))
+    sims, cap_to_img = similarity_matrix(
+      model, variables, split, config, mesh, caption_len, split.n_images
+    )
+    total = sims.astype(np.float64) if total is None else total + sims
+  sims = (total / len(models)).astype(np.float32)
+  result = rank_metrics(sims, cap_to_img, protocol)
+  first = os.path.abspath(checkpoints[0])
+  base = first if os.path.isdir(first) else os.path.dirname(first)
+  workdir = workdir or os.path.join(base, f"eval_{split_name}")
+  os.makedirs(workdir, exist_ok=True)
+  if dump_sims:
+    np.save(dump_sims, sims)
+    print(f"similarity matrix {sims.shape} written to {dump_sims}")
+  record = {
+    "split": split_name,
+    "protocol": protocol,
+    "checkpoints": list(checkpoints),
+    "ensemble_size": len(models),
+    **result,
+  }
+  report = Reporter(workdir)
+  report.write(record)
+  path = report.write_json("results.json", record)
+  print(recall_table(result if protocol == "coco" else {split_name: result}))
+  print(f"results in {path}")
+  return record
+
+
+def main(argv, flag_values):
+  del argv
+  config = flag_values["config"].value
+  if config is None:
+    raise UserError("--config is required, e.g. --config=configs/flickr.py")
+  run_evaluation(
+    config,
+    flag_values["checkpoint"].value,
+    split_name=flag_values["split"].value,
+    protocol=flag_values["protocol"].value,
+    torch_model=flag_values["torch_model"].value,
+    dump_sims=flag_values["dump_sims"].value,
+    workdir=flag_values["workdir"].value,
+  )
+
+
+if __name__ == "__main__":
+  _flag_values = _define_flags()
+  cli.run(lambda argv: main(argv, _flag_values))
