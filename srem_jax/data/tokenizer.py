@@ -1,0 +1,217 @@
+"""Caption tokenizer and vocabulary, compatible with the SCAN/NCR vocab files.
+
+Owns `word_tokenize` (lower-cased, Penn-Treebank style as NLTK's
+`word_tokenize` splits captions, without depending on NLTK or its punkt model),
+the `Vocab` read from / written to the users' `<name>_vocab.json`, and
+`build_vocab` for new datasets.
+
+    vocab = Vocab.load("data/vocab/f30k_precomp_vocab.json")
+    ids = vocab.encode("A man riding a horse.")  # [1, ..., 2] int32
+"""
+
+import collections
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from srem_jax.errors import UserError
+
+# ---- sentence splitting -----------------------------------------------------
+# NLTK first cuts the text into sentences with punkt, so a period that ends a
+# word in the middle of a caption ("a man. he runs") becomes its own token.
+# Punkt keeps the period on abbreviations, initials and numbers; with lower-cased
+# text its orthographic test always says "not a sentence start" for those.
+_ABBREVIATIONS = frozenset(
+  ["mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "u.s"]
+)
+_PERIOD_END = re.compile(r"^(?P<word>.*[^.])\.[\"')\]}»”’]*$")
+_LEADING_PUNCT = re.compile(r"^[(\"`{\[:;&#*@)}\]\-,]+")
+_NUMBER = re.compile(r"^-?[.,]?\d[\d,.\-]*$")
+_INITIAL = re.compile(r"^[^\W\d]$")
+
+
+def _ends_sentence(chunk: str) -> bool:
+  match = _PERIOD_END.match(chunk)
+  if match is None:
+    return False
+  word = _LEADING_PUNCT.sub("", match.group("word"))
+  if not word or _NUMBER.match(word) or _INITIAL.match(word):
+    return False
+  return word not in _ABBREVIATIONS and word.split("-")[-1] not in _ABBREVIATIONS
+
+
+def _split_sentences(text: str) -> list[str]:
+  chunks = text.split()
+  sentences, current = [], []
+  for position, chunk in enumerate(chunks):
+    current.append(chunk)
+    if position + 1 < len(chunks) and _ends_sentence(chunk):
+      sentences.append(" ".join(current))
+      current = []
+  if current:
+    sentences.append(" ".join(current))
+  return sentences
+
+
+# ---- Treebank rules, applied in order to one sentence -----------------------
+# The order matters: quotes are rewritten before punctuation is padded, and
+# clitics are split last, once every token is delimited by spaces.
+def _pad(pattern: str) -> tuple[re.Pattern, str]:
+  return re.compile(pattern), r" \g<0> "
+
+
+_CLOSERS = r"\]\)}>\"'»”’"
+_OPENING_QUOTES = [
+  _pad(r"[«“‘„]|`+"),
+  (re.compile(r'^"'), "``"),
+  (re.compile(r"``"), " `` "),
+  (re.compile(r"([ (\[{<])(\"|'')"), r"\1 `` "),
+  # A quote opening a word, unless it starts a clitic such as 're or 's.
+  (re.compile(r"(?<!\w)'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)"), "' "),
+]
+_PUNCTUATION = [
+  # Only the final period of a sentence is split; "3.5" and "mr." stay whole.
+  (re.compile(rf"([^.])\.([{_CLOSERS} ]*)\s*$"), r"\1 . \2 "),
+  # Commas and colons inside numbers (1,000 and 12:30) are kept.
+  (re.compile(r"([:,])([^\d])"), r" \1 \2"),
+  (re.compile(r"([:,])$"), r" \1 "),
+  _pad(r"\.{2,}"),
+  _pad(r"[;@#$%&]"),
+  _pad(r"[\u2012-\u2015]"),
+  _pad(r"[?!]"),
+  (re.compile(r"([^'])' "), r"\1 ' "),
+  _pad(r"[*]"),
+  _pad(r"[\]\[(){}<>]"),
+  _pad(r"--"),
+]
+_CLOSING_QUOTES = [
+  _pad(r"[»”’]"),
+  (re.compile(r"''"), " '' "),
+  (re.compile(r'"'), " '' "),
+  (re.compile(r"\s+"), " "),
+  (re.compile(r"([^' ])('s|'m|'d|') "), r"\1 \2 "),
+  (re.compile(r"([^' ])('ll|'re|'ve|n't) "), r"\1 \2 "),
+]
+# Fused words Treebank writes as two tokens ("cannot" -> "can", "not").
+_FUSED = [
+  re.compile(pattern)
+  for pattern in (
+    r"\b(can)(not)\b",
+    r"\b(d)('ye)\b",
+    r"\b(gim)(me)\b",
+    r"\b(gon)(na)\b",
+    r"\b(got)(ta)\b",
+    r"\b(lem)(me)\b",
+    r"\b(more)('n)\b",
+    r"\b(wan)(na)(?=\s)",
+    r" ('t)(is)\b",
+    r" ('t)(was)\b",
+  )
+]
+
+
+def _tokenize_sentence(sentence: str) -> list[str]:
+  for pattern, replacement in _OPENING_QUOTES + _PUNCTUATION:
+    sentence = pattern.sub(replacement, sentence)
+  sentence = f" {sentence} "
+  for pattern, replacement in _CLOSING_QUOTES:
+    sentence = pattern.sub(replacement, sentence)
+  for pattern in _FUSED:
+    sentence = pattern.sub(r" \1 \2 ", sentence)
+  return sentence.split()
+
+
+def word_tokenize(text: str) -> list[str]:
+  """Lower-cased tokens as `nltk.word_tokenize(text.lower())` gives on captions."""
+  tokens = []
+  for sentence in _split_sentences(text.lower()):
+    tokens.extend(_tokenize_sentence(sentence))
+  return tokens
+
+
+# ---- vocabulary ---------------------------------------------------------------
+_SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
+
+
+class Vocab:
+  """Word <-> id maps with the four special tokens at ids 0..3."""
+
+  PAD, START, END, UNK = 0, 1, 2, 3
+
+  def __init__(self, word2idx: Mapping[str, int], source: str = "vocab"):
+    ids = sorted(word2idx.values())
+    if ids != list(range(len(ids))):
+      raise UserError(f"{source}: word ids must be exactly 0..{len(ids) - 1}")
+    for expected_id, special in enumerate(_SPECIALS):
+      if word2idx.get(special) != expected_id:
+        raise UserError(
+          f"{source}: expected {special!r} at id {expected_id}, "
+          f"got {word2idx.get(special)!r}"
+        )
+    self.word2idx: dict[str, int] = dict(word2idx)
+    self.idx2word: dict[int, str] = {i: w for w, i in self.word2idx.items()}
+
+  @classmethod
+  def load(cls, path: str) -> "Vocab":
+    """Reads the SCAN/NCR JSON (`word2idx`, `idx2word`, `idx`) and validates it."""
+    try:
+      with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    except FileNotFoundError:
+      raise UserError(f"{path}: vocabulary file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise UserError(f"{path}: not a readable JSON vocabulary ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("word2idx"), dict):
+      raise UserError(f"{path}: expected a JSON object with key 'word2idx'")
+    word2idx = data["word2idx"]
+    if not all(isinstance(i, int) for i in word2idx.values()):
+      raise UserError(f"{path}: word2idx values must be integers")
+    vocab = cls(word2idx, source=path)
+    idx2word = data.get("idx2word")
+    if idx2word is not None:
+      try:
+        as_ints = {int(i): w for i, w in idx2word.items()}
+      except (AttributeError, ValueError):
+        raise UserError(f"{path}: idx2word keys must be integer ids") from None
+      if as_ints != vocab.idx2word:
+        raise UserError(f"{path}: idx2word is not the inverse of word2idx")
+    if "idx" in data and data["idx"] != len(vocab):
+      raise UserError(f"{path}: 'idx' is {data['idx']}, expected {len(vocab)}")
+    return vocab
+
+  def save(self, path: str) -> None:
+    """Writes the same JSON format; never replaces an existing file."""
+    parent = os.path.dirname(path)
+    if parent:
+      os.makedirs(parent, exist_ok=True)
+    data = {
+      "word2idx": self.word2idx,
+      "idx2word": {str(i): w for i, w in sorted(self.idx2word.items())},
+      "idx": len(self),
+    }
+    try:
+      with open(path, "x", encoding="utf-8") as f:
+        json.dump(data, f)
+    except FileExistsError:
+      raise UserError(f"{path}: already exists; refusing to overwrite it") from None
+
+  def __len__(self) -> int:
+    return len(self.word2idx)
+
+  def encode(self, caption: str) -> np.ndarray:
+    """int32 ids of `<start> tokens <end>`; unknown words map to `<unk>`."""
+    ids = [self.word2idx.get(token, self.UNK) for token in word_tokenize(caption)]
+    return np.asarray([self.START, *ids, self.END], dtype=np.int32)
+
+
+def build_vocab(captions: Iterable[str], min_count: int = 4) -> Vocab:
+  """Words seen at least `min_count` times, most frequent first, ties by spelling."""
+  counts = collections.Counter()
+  for caption in captions:
+    counts.update(word_tokenize(caption))
+  kept = [w for w, c in counts.items() if c >= min_count and w not in _SPECIALS]
+  kept.sort(key=lambda w: (-counts[w], w))
+  return Vocab({word: i for i, word in enumerate([*_SPECIALS, *kept])})

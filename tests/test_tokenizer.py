@@ -1,0 +1,211 @@
+"""Tokenizer against hand-written NLTK word_tokenize outputs; Vocab JSON round trip."""
+
+import json
+
+import numpy as np
+import pytest
+
+from srem_jax.data import tokenizer
+from srem_jax.errors import UserError
+
+# Expected lists are what `nltk.word_tokenize(caption.lower())` returns.
+CAPTIONS = [
+  (
+    "A man in a red t-shirt is riding a bike.",
+    ["a", "man", "in", "a", "red", "t-shirt", "is", "riding", "a", "bike", "."],
+  ),
+  (
+    "Two dogs don't play; they're sleeping.",
+    ["two", "dogs", "do", "n't", "play", ";", "they", "'re", "sleeping", "."],
+  ),
+  (
+    "It's a sunny day, and the children can't wait!",
+    [
+      "it",
+      "'s",
+      "a",
+      "sunny",
+      "day",
+      ",",
+      "and",
+      "the",
+      "children",
+      "ca",
+      "n't",
+      "wait",
+      "!",
+    ],
+  ),
+  (
+    'A sign that says "STOP" next to a road.',
+    ["a", "sign", "that", "says", "``", "stop", "''", "next", "to", "a", "road", "."],
+  ),
+  (
+    "The woman (wearing glasses) holds 3.5 pounds of fish.",
+    [
+      "the",
+      "woman",
+      "(",
+      "wearing",
+      "glasses",
+      ")",
+      "holds",
+      "3.5",
+      "pounds",
+      "of",
+      "fish",
+      ".",
+    ],
+  ),
+  (
+    "Over 1,000 people at the marathon: runners and fans.",
+    [
+      "over",
+      "1,000",
+      "people",
+      "at",
+      "the",
+      "marathon",
+      ":",
+      "runners",
+      "and",
+      "fans",
+      ".",
+    ],
+  ),
+  ("Is this a cat?", ["is", "this", "a", "cat", "?"]),
+  (
+    "A man's dog and the kids' toys",
+    ["a", "man", "'s", "dog", "and", "the", "kids", "'", "toys"],
+  ),
+  (
+    "A dog jumps... over the fence",
+    ["a", "dog", "jumps", "...", "over", "the", "fence"],
+  ),
+  (
+    "They cannot see the $5 bill & coins",
+    ["they", "can", "not", "see", "the", "$", "5", "bill", "&", "coins"],
+  ),
+  (
+    "A man. He is running down the street.",
+    ["a", "man", ".", "he", "is", "running", "down", "the", "street", "."],
+  ),
+  (
+    "Children gonna play at 12:30 pm",
+    ["children", "gon", "na", "play", "at", "12:30", "pm"],
+  ),
+  (
+    "A woman -- smiling -- holds an umbrella.",
+    ["a", "woman", "--", "smiling", "--", "holds", "an", "umbrella", "."],
+  ),
+  ("A cat sits on a mat .", ["a", "cat", "sits", "on", "a", "mat", "."]),
+  (
+    "a man wearing a hat, sunglasses and a jacket",
+    ["a", "man", "wearing", "a", "hat", ",", "sunglasses", "and", "a", "jacket"],
+  ),
+  ("'hello' says the parrot", ["'", "hello", "'", "says", "the", "parrot"]),
+  (
+    "I'm sure you'll like what we've done, wouldn't you?",
+    [
+      "i",
+      "'m",
+      "sure",
+      "you",
+      "'ll",
+      "like",
+      "what",
+      "we",
+      "'ve",
+      "done",
+      ",",
+      "would",
+      "n't",
+      "you",
+      "?",
+    ],
+  ),
+  ('The sign reads "open."', ["the", "sign", "reads", "``", "open", ".", "''"]),
+  ("Mr. Smith walks his dog.", ["mr.", "smith", "walks", "his", "dog", "."]),
+]
+
+
+@pytest.mark.parametrize("caption,expected", CAPTIONS)
+def test_word_tokenize_matches_nltk(caption, expected):
+  assert tokenizer.word_tokenize(caption) == expected
+
+
+def test_build_vocab_order_and_threshold():
+  captions = ["b b a", "a b c", "a b", "c c a", "a d"]  # a:5 b:5 c:3 d:1
+  vocab = tokenizer.build_vocab(captions, min_count=3)
+  words = [vocab.idx2word[i] for i in range(len(vocab))]
+  assert words == ["<pad>", "<start>", "<end>", "<unk>", "a", "b", "c"]
+
+
+def test_encode_wraps_and_maps_unknown_words():
+  vocab = tokenizer.build_vocab(["a dog runs."] * 4)
+  ids = vocab.encode("A cat runs.")
+  assert ids.dtype == np.int32
+  w = vocab.word2idx
+  expected = [1, w["a"], 3, w["runs"], w["."], 2]
+  np.testing.assert_array_equal(ids, expected)
+
+
+def test_save_load_round_trip_in_scan_format(tmp_path):
+  vocab = tokenizer.build_vocab(["a dog runs."] * 4)
+  path = str(tmp_path / "v" / "x_vocab.json")
+  vocab.save(path)
+  with open(path) as f:
+    data = json.load(f)
+  assert set(data) == {"word2idx", "idx2word", "idx"}
+  assert data["idx"] == len(vocab) == 8
+  assert data["idx2word"]["3"] == "<unk>"
+  loaded = tokenizer.Vocab.load(path)
+  assert loaded.word2idx == vocab.word2idx
+  assert loaded.idx2word == vocab.idx2word
+  with pytest.raises(UserError, match="refusing to overwrite"):
+    vocab.save(path)
+
+
+def _write(path, data):
+  path.write_text(json.dumps(data))
+  return str(path)
+
+
+@pytest.mark.parametrize(
+  "data,message",
+  [
+    (
+      {"word2idx": {"<start>": 0, "<pad>": 1, "<end>": 2, "<unk>": 3}},
+      "'<pad>' at id 0",
+    ),
+    (
+      {"word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 5}},
+      r"exactly 0\.\.3",
+    ),
+    ({"idx2word": {}}, "'word2idx'"),
+    (
+      {
+        "word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3},
+        "idx2word": {"0": "<pad>", "1": "<start>", "2": "<end>", "3": "dog"},
+      },
+      "inverse",
+    ),
+    (
+      {"word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3}, "idx": 7},
+      "'idx' is 7",
+    ),
+  ],
+)
+def test_load_rejects_malformed_vocab(tmp_path, data, message):
+  path = _write(tmp_path / "v.json", data)
+  with pytest.raises(UserError, match=message):
+    tokenizer.Vocab.load(path)
+
+
+def test_load_reports_missing_and_broken_files(tmp_path):
+  with pytest.raises(UserError, match="not found"):
+    tokenizer.Vocab.load(str(tmp_path / "nope.json"))
+  bad = tmp_path / "bad.json"
+  bad.write_text("{not json")
+  with pytest.raises(UserError, match="bad.json: not a readable JSON"):
+    tokenizer.Vocab.load(str(bad))
