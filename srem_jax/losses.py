@@ -1,0 +1,313 @@
+"""The SREM objective (SPEC §3) as pure functions of a batch similarity matrix.
+
+`S` is a (K, K) array of similarities in (0, 1) with `S[i, j] = s(image_i,
+caption_j)`; the diagonal holds the given, possibly mismatched, pairs. Every
+function here is pure `jax.numpy`, jit-able and takes plain numbers, never a
+config object; `objective` combines them the way `config.loss` selects, and
+`validate_loss_config` checks that section once at start-up.
+
+    loss, aux = objective(S, name="srem", tau=0.05, beta=0.5)
+    grads = jax.grad(lambda s: objective(s)[0])(S)
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from srem_jax.errors import UserError
+
+LOSS_NAMES = ("srem", "triplet_hardest", "ccl")
+SELECTIONS = ("batch", "epoch_gmm")
+BIASES = ("cross_modal", "same_modal")
+
+
+def batch_logits(S, tau):
+  """In-batch classification logits `(S / tau, S.T / tau)`.
+
+  Row i of the first scores image i over the K captions (i2t); row i of the
+  second scores caption i over the K images (t2i).
+  """
+  return S / tau, S.T / tau
+
+
+def energy(z, temp=1.0):
+  """Row-wise energy `-temp * logsumexp(z / temp)`; low means a confident row."""
+  return -temp * jax.nn.logsumexp(z / temp, axis=1)
+
+
+def sample_energy(S, tau, temp=1.0):
+  """Energy of each pair: the mean of its i2t and t2i row energies, shape (K,)."""
+  z_i2t, z_t2i = batch_logits(S, tau)
+  return 0.5 * (energy(z_i2t, temp) + energy(z_t2i, temp))
+
+
+def swapped_entropy(S, tau):
+  """Swapped classification entropy H_i of SPEC §3, shape (K,).
+
+  Each modality's prediction for pair i is scored against the other's:
+  `H_i = ½[-Σ_j P_i2t[i,j] log P_t2i[i,j] - Σ_j P_t2i[i,j] log P_i2t[i,j]]`.
+  """
+  z_i2t, z_t2i = batch_logits(S, tau)
+  log_p_i2t = jax.nn.log_softmax(z_i2t, axis=1)
+  log_p_t2i = jax.nn.log_softmax(z_t2i, axis=1)
+  text_scored_by_image = -jnp.sum(jnp.exp(log_p_i2t) * log_p_t2i, axis=1)
+  image_scored_by_text = -jnp.sum(jnp.exp(log_p_t2i) * log_p_i2t, axis=1)
+  return 0.5 * (text_scored_by_image + image_scored_by_text)
+
+
+def entropy_weight(H, K):
+  """Per-sample weight `stop_gradient(clip(1 - H / log K, 0, 1))`.
+
+  A batch of one pair has no alternative to be uncertain about (log 1 = 0), so
+  its weight is 1.
+  """
+  log_k = jnp.log(jnp.maximum(jnp.asarray(K, H.dtype), 1.0))
+  has_alternatives = log_k > 0
+  safe_log_k = jnp.where(has_alternatives, log_k, 1.0)
+  weight = jnp.where(has_alternatives, jnp.clip(1.0 - H / safe_log_k, 0.0, 1.0), 1.0)
+  return jax.lax.stop_gradient(weight)
+
+
+def batch_clean_mask(S, tau, temp=1.0, quantile=0.5):
+  """Batch-level clean selection of SPEC §3, a (K,) bool mask (no gradient).
+
+  Pair i is clean when its partner is the arg-max of its row in both directions
+  (ties go to the lower index, as `argmax` does) and its energy is at or below
+  the `quantile` of the batch energies (linear interpolation, `jnp.quantile`).
+  """
+  S = jax.lax.stop_gradient(S)
+  index = jnp.arange(S.shape[0])
+  partner_top_i2t = jnp.argmax(S, axis=1) == index
+  partner_top_t2i = jnp.argmax(S, axis=0) == index
+  pair_energy = sample_energy(S, tau, temp)
+  low_energy = pair_energy <= jnp.quantile(pair_energy, quantile)
+  return partner_top_i2t & partner_top_t2i & low_energy
+
+
+def triplet_hardest(S, margin=0.2, weights=None):
+  """VSE++ max-violation triplet loss, summed over weighted anchors.
+
+  Anchor i costs `[α - S_ii + max_{j≠i} S_ij]₊ + [α - S_ii + max_{j≠i} S_ji]₊`;
+  the loss is `Σ_i weights_i · cost_i` (weights default to 1; 0 drops an
+  anchor). A batch of one pair has no negative and costs nothing.
+
+  Returns `(loss, {"per_anchor": (K,) unweighted costs})`.
+  """
+  K = S.shape[0]
+  positive = jnp.diagonal(S)
+  off_diagonal = ~jnp.eye(K, dtype=bool)
+  # Clamping each violation before the max equals clamping the max, and the
+  # zeroed diagonal then cannot win over a real negative.
+  caption_violation = jnp.maximum(margin - positive[:, None] + S, 0.0)
+  image_violation = jnp.maximum(margin - positive[None, :] + S, 0.0)
+  cost_i2t = jnp.where(off_diagonal, caption_violation, 0.0).max(axis=1)
+  cost_t2i = jnp.where(off_diagonal, image_violation, 0.0).max(axis=0)
+  per_anchor = cost_i2t + cost_t2i
+  if weights is None:
+    weights = jnp.ones_like(per_anchor)
+  return jnp.sum(weights * per_anchor), {"per_anchor": per_anchor}
+
+
+def _complementary_bias(p_same, p_cross, beta, bias):
+  """`Q = (1-β) U + β B` for one direction: zero diagonal, rows summing to 1."""
+  K = p_same.shape[0]
+  off_diagonal = 1.0 - jnp.eye(K, dtype=p_same.dtype)
+  uniform = off_diagonal / max(K - 1, 1)
+  if bias == "cross_modal":
+    # B_ij ∝ P_other[j, i]: how strongly negative j, seen from the other
+    # modality, points back at anchor i.
+    affinity = p_cross.T
+  elif bias == "same_modal":
+    affinity = p_same
+  else:
+    raise ValueError(f"bias must be one of {BIASES}, got {bias!r}")
+  affinity = jax.lax.stop_gradient(affinity) * off_diagonal
+  row_total = affinity.sum(axis=1, keepdims=True)
+  # A row whose probabilities all underflowed carries no preference: fall back
+  # to uniform rather than divide by zero.
+  has_mass = row_total > 0
+  biased = jnp.where(has_mass, affinity / jnp.where(has_mass, row_total, 1.0), uniform)
+  return (1.0 - beta) * uniform + beta * biased
+
+
+def complementary_loss(S, tau, beta=0.0, bias="cross_modal", eps=1e-6):
+  """Cross-modal biased complementary loss (CMBCL); β = 0 is RCL's CCL.
+
+  Per anchor `Σ_{j≠i} Q_ij · -log(1 - P_ij + eps)`, averaged over anchors and
+  summed over the i2t and t2i directions. `bias` picks B: "cross_modal" (SPEC,
+  `B_ij ∝ P_other[j, i]`) or "same_modal" (`B_ij ∝ P_same[i, j]`, an ablation).
+
+  Returns `(loss, aux)` with per-anchor losses and the Q matrices of both
+  directions.
+  """
+  K = S.shape[0]
+  z_i2t, z_t2i = batch_logits(S, tau)
+  p_i2t = jax.nn.softmax(z_i2t, axis=1)
+  p_t2i = jax.nn.softmax(z_t2i, axis=1)
+  off_diagonal = ~jnp.eye(K, dtype=bool)
+
+  def one_direction(p_same, p_cross):
+    q = _complementary_bias(p_same, p_cross, beta, bias)
+    # The diagonal has zero weight; hiding its probability keeps the log (and
+    # its gradient) finite there even for a certain pair and eps = 0.
+    p_negative = jnp.where(off_diagonal, p_same, 0.0)
+    per_anchor = jnp.sum(q * -jnp.log(1.0 - p_negative + eps), axis=1)
+    return per_anchor, q
+
+  per_anchor_i2t, q_i2t = one_direction(p_i2t, p_t2i)
+  per_anchor_t2i, q_t2i = one_direction(p_t2i, p_i2t)
+  loss = jnp.mean(per_anchor_i2t) + jnp.mean(per_anchor_t2i)
+  aux = {
+    "per_anchor_i2t": per_anchor_i2t,
+    "per_anchor_t2i": per_anchor_t2i,
+    "q_i2t": q_i2t,
+    "q_t2i": q_t2i,
+  }
+  return loss, aux
+
+
+def per_sample_stats(S, tau, temp=1.0, valid=None):
+  """In-batch cross-entropy and energy of each pair, for the epoch-level GMM.
+
+  `ce` is the mean over both directions of `-log P[i, i]`; `energy` is
+  `sample_energy`. `valid` ((K,) bool) removes padded pairs: their columns
+  leave every softmax/logsumexp and their own entries are returned as 0.
+  """
+  z_i2t, z_t2i = batch_logits(S, tau)
+  if valid is not None:
+    z_i2t = jnp.where(valid[None, :], z_i2t, -jnp.inf)
+    z_t2i = jnp.where(valid[None, :], z_t2i, -jnp.inf)
+  ce_i2t = -jnp.diagonal(jax.nn.log_softmax(z_i2t, axis=1))
+  ce_t2i = -jnp.diagonal(jax.nn.log_softmax(z_t2i, axis=1))
+  stats = {
+    "ce": 0.5 * (ce_i2t + ce_t2i),
+    "energy": 0.5 * (energy(z_i2t, temp) + energy(z_t2i, temp)),
+  }
+  if valid is not None:
+    stats = {key: jnp.where(valid, value, 0.0) for key, value in stats.items()}
+  return stats
+
+
+def objective(
+  S,
+  *,
+  name="srem",
+  warmup=False,
+  tau=0.05,
+  energy_temp=1.0,
+  margin=0.2,
+  clean_quantile=0.5,
+  use_filtration=True,
+  use_entropy_weight=True,
+  use_cmbcl=True,
+  beta=0.5,
+  bias="cross_modal",
+  cmbcl_weight=1.0,
+  eps=1e-6,
+  clean=None,
+):
+  """The training loss selected by `name`, with per-sample diagnostics.
+
+  - "srem": `L = Σ_{clean} w_i · triplet_i + cmbcl_weight · CMBCL(β)`. `clean`
+    (a (K,) bool from the epoch-level GMM) replaces the batch mask;
+    `use_filtration=False` counts every pair clean; `use_entropy_weight=False`
+    sets w = 1; `use_cmbcl=False` drops the complementary term. With
+    `warmup=True` (a Python bool) it is CMBCL with β = 0 on all pairs.
+  - "triplet_hardest": the hardest-negative triplet on all pairs.
+  - "ccl": RCL's complementary loss (β = 0) on all pairs.
+
+  aux holds scalars `loss`, `loss_clean`, `loss_cmbcl`, `clean_frac` and, per
+  pair, `clean` (the mask the loss used), `energy`, `entropy` and `weight` (the
+  entropy weight applied to clean pairs; 1 where none is applied), computed on
+  stop-gradient S whatever the name.
+  """
+  if name not in LOSS_NAMES:
+    raise ValueError(f"name must be one of {LOSS_NAMES}, got {name!r}")
+  K = S.shape[0]
+  S_fixed = jax.lax.stop_gradient(S)
+  pair_energy = sample_energy(S_fixed, tau, energy_temp)
+  entropy = swapped_entropy(S_fixed, tau)
+  every_pair = jnp.ones((K,), bool)
+  unit_weight = jnp.ones((K,), S.dtype)
+  zero = jnp.zeros((), S.dtype)
+
+  if name == "srem" and not warmup:
+    if not use_filtration:
+      mask = every_pair
+    elif clean is not None:
+      mask = jnp.asarray(clean, bool)
+      if mask.shape != (K,):
+        raise ValueError(f"clean must have shape ({K},), got {mask.shape}")
+    else:
+      mask = batch_clean_mask(S_fixed, tau, energy_temp, clean_quantile)
+    weight = entropy_weight(entropy, K) if use_entropy_weight else unit_weight
+    loss_clean, _ = triplet_hardest(S, margin, weights=mask.astype(S.dtype) * weight)
+    if use_cmbcl:
+      loss_cmbcl, _ = complementary_loss(S, tau, beta, bias, eps)
+    else:
+      loss_cmbcl = zero
+    loss = loss_clean + cmbcl_weight * loss_cmbcl
+  elif name == "triplet_hardest":
+    mask, weight = every_pair, unit_weight
+    loss_clean, _ = triplet_hardest(S, margin)
+    loss_cmbcl = zero
+    loss = loss_clean
+  else:  # "ccl", and SREM's warm-up
+    mask, weight = every_pair, unit_weight
+    loss_clean = zero
+    loss_cmbcl, _ = complementary_loss(S, tau, 0.0, bias, eps)
+    loss = loss_cmbcl
+
+  aux = {
+    "loss": loss,
+    "loss_clean": loss_clean,
+    "loss_cmbcl": loss_cmbcl,
+    "clean_frac": jnp.mean(mask.astype(jnp.float32)),
+    "clean": mask,
+    "energy": pair_energy,
+    "entropy": entropy,
+    "weight": weight,
+  }
+  return loss, aux
+
+
+def _number(loss_cfg, field, accept, expected):
+  if field not in loss_cfg:
+    raise UserError(f"loss.{field}: missing from the config")
+  value = loss_cfg[field]
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not (is_number and math.isfinite(value) and accept(value)):
+    raise UserError(f"loss.{field}: expected {expected}, got {value!r}")
+  return value
+
+
+def validate_loss_config(loss_cfg):
+  """Raises UserError naming `loss.<field>` for the first bad value in `loss_cfg`."""
+  choices = {"name": LOSS_NAMES, "selection": SELECTIONS, "bias": BIASES}
+  for field, allowed in choices.items():
+    value = loss_cfg[field] if field in loss_cfg else None
+    if value not in allowed:
+      raise UserError(
+        f"loss.{field}: expected one of {', '.join(allowed)}, got {value!r}"
+      )
+  for field in ("use_filtration", "use_entropy_weight", "use_cmbcl"):
+    value = loss_cfg[field] if field in loss_cfg else None
+    if not isinstance(value, bool):
+      raise UserError(f"loss.{field}: expected True or False, got {value!r}")
+  _number(loss_cfg, "tau", lambda v: v > 0, "a number > 0")
+  _number(loss_cfg, "energy_temp", lambda v: v > 0, "a number > 0")
+  _number(loss_cfg, "margin", lambda v: v >= 0, "a number >= 0")
+  _number(loss_cfg, "clean_quantile", lambda v: 0 < v <= 1, "a number in (0, 1]")
+  _number(loss_cfg, "beta", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+  _number(loss_cfg, "cmbcl_weight", lambda v: v >= 0, "a number >= 0")
+  _number(loss_cfg, "eps", lambda v: 0 <= v < 1, "a number in [0, 1)")
+  _number(
+    loss_cfg,
+    "gmm_iters",
+    lambda v: isinstance(v, int) and v >= 1,
+    "an integer >= 1",
+  )
+  _number(loss_cfg, "gmm_tol", lambda v: v >= 0, "a number >= 0")
+  _number(loss_cfg, "gmm_reg", lambda v: v > 0, "a number > 0")
+  _number(loss_cfg, "gmm_min_noisy", lambda v: 0 <= v < 1, "a number in [0, 1)")
