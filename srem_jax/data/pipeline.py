@@ -1,0 +1,390 @@
+"""Input pipelines over a prepared split: seeded training batches and eval streams.
+
+Caption records are joined with image records through the (noisy) `t2i` index
+at read time. Training: batch number `s` (global count) belongs to epoch
+`s // steps_per_epoch`, whose order is a seeded permutation of every caption
+depending on (seed, epoch) only, so a batch is a pure function of `s` and the
+iterator state is just the next `s`. Each process reads its own contiguous
+slice of every global batch. Evaluation streams visit every example exactly
+once and pad the last batch (mask False) instead of dropping it.
+
+    split = load_prepared("data/prepared", "f30k_precomp", "train")
+    loader = train_loader(split, t2i, clean, global_batch_size=128,
+                          caption_len=caption_length(split, 0), seed=0)
+    batch = next(iter(loader))  # images, tokens, lengths, cap_index, ...
+"""
+
+import dataclasses
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from srem_jax.data import prepare
+from srem_jax.errors import UserError
+
+# The training source is "endless": this many epochs ahead of any start.
+_EPOCHS_AHEAD = 1_000_000
+# Whole batches are prefetched by threads; array_record reads without the GIL.
+_READ_THREADS = 2
+_PREFETCH_BATCHES = 4
+
+
+@dataclasses.dataclass
+class PreparedSplit:
+  """One prepared split with random access to image features and tokens."""
+
+  n_images: int
+  n_captions: int
+  caps_per_image: int
+  num_regions: int
+  feature_dim: int
+  max_caption_len: int
+  vocab_size: int
+  cap_to_img: np.ndarray  # (n_captions,) clean image index of each caption
+  path: str
+  split: str
+
+  def __getstate__(self):
+    # Record sources hold open files; worker processes reopen them.
+    return {k: v for k, v in self.__dict__.items() if not k.startswith("_source")}
+
+  def _source(self, record_set: str):
+    attr = f"_source_{record_set}"
+    if attr not in self.__dict__:
+      builder = tfds.builder_from_directory(self.path)
+      self.__dict__[attr] = builder.as_data_source(f"{self.split}_{record_set}")
+    return self.__dict__[attr]
+
+  def images(self, indices: np.ndarray) -> np.ndarray:
+    """Region features (len(indices), R, D) float32 of the given images."""
+    indices = np.asarray(indices, np.int64)
+    records = self._source("images").__getitems__(indices.tolist())
+    out = np.empty((len(indices), self.num_regions, self.feature_dim), np.float32)
+    for row, record in enumerate(records):
+      out[row] = record["features"]
+    got = np.fromiter((r["index"] for r in records), np.int64, count=len(records))
+    if not np.array_equal(got, indices):
+      raise UserError(f"{self.path}: image records out of order; delete it to rebuild")
+    return out
+
+  def padded_tokens(
+    self, indices: np.ndarray, caption_len: int
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens (n, caption_len) int32 zero-padded, and lengths (n,) int32."""
+    records = self._source("captions").__getitems__(np.asarray(indices).tolist())
+    pieces = [r["tokens"] for r in records]
+    lengths = np.fromiter(map(len, pieces), np.int32, count=len(pieces))
+    tokens = np.zeros((len(pieces), caption_len), np.int32)
+    if pieces:
+      tokens[np.arange(caption_len) < lengths[:, None]] = np.concatenate(pieces)
+    return tokens, lengths
+
+  def image(self, i: int) -> np.ndarray:
+    return self.images(np.array([i]))[0]
+
+  def tokens(self, k: int) -> np.ndarray:
+    return self._source("captions")[int(k)]["tokens"]
+
+
+def load_prepared(prepared_dir: str, name: str, split: str) -> PreparedSplit:
+  meta = prepare.read_metadata(prepared_dir, name, split)
+  path = prepare.split_dir(prepared_dir, name, split)
+  if meta is None:
+    raise UserError(
+      f"{path}: no prepared copy of {name}/{split}; run "
+      f"`python -m srem_jax.data.prepare --name {name}` or the training command"
+    )
+  if meta["cap_to_img"] is None:
+    cap_to_img = np.arange(meta["n_captions"], dtype=np.int64) // meta["caps_per_image"]
+  else:
+    cap_to_img = np.asarray(meta["cap_to_img"], np.int64)
+  fields = [f.name for f in dataclasses.fields(PreparedSplit)]
+  return PreparedSplit(
+    **{k: meta[k] for k in fields if k in meta and k not in ("cap_to_img", "split")},
+    cap_to_img=cap_to_img,
+    path=path,
+    split=split,
+  )
+
+
+def caption_length(split: PreparedSplit, requested: int) -> int:
+  """The static padded caption length: `requested`, or the longest if 0."""
+  if requested == 0:
+    return split.max_caption_len
+  if requested < split.max_caption_len:
+    raise UserError(
+      f"config data.caption_len={requested} is shorter than the longest caption "
+      f"of {split.split} ({split.max_caption_len} tokens with <start>/<end>); "
+      f"use 0 or >= {split.max_caption_len}"
+    )
+  return requested
+
+
+def _process_slice(batch_size, process_index, process_count) -> tuple[int, int]:
+  """(first row, rows) of this process's slice of a global batch."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if batch_size % count:
+    raise UserError(
+      f"batch size {batch_size} is not divisible by the {count} processes"
+    )
+  rows = batch_size // count
+  return index * rows, rows
+
+
+def _pair_batch(split, t2i, clean, cap_index, caption_len) -> dict[str, np.ndarray]:
+  img_index = t2i[cap_index]
+  tokens, lengths = split.padded_tokens(cap_index, caption_len)
+  return {
+    "images": split.images(img_index),
+    "tokens": tokens,
+    "lengths": lengths,
+    "cap_index": cap_index.astype(np.int32),
+    "img_index": img_index.astype(np.int32),
+    "clean": clean[cap_index],
+  }
+
+
+def _check_noise(split: PreparedSplit, t2i, clean) -> tuple[np.ndarray, np.ndarray]:
+  t2i = np.asarray(t2i)
+  if t2i.shape != (split.n_captions,) or not np.issubdtype(t2i.dtype, np.integer):
+    raise UserError(
+      f"t2i: expected {split.n_captions} integer image indices, got {t2i.dtype} {t2i.shape}"
+    )
+  if t2i.size and (t2i.min() < 0 or t2i.max() >= split.n_images):
+    raise UserError(f"t2i: image indices must lie in [0, {split.n_images})")
+  clean = t2i == split.cap_to_img if clean is None else np.asarray(clean, bool)
+  if clean.shape != t2i.shape:
+    raise UserError(f"clean: expected shape {t2i.shape}, got {clean.shape}")
+  return t2i.astype(np.int64), clean
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The caption order of one training epoch: a function of (seed, epoch)."""
+  return np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(n)
+
+
+class _TrainBatches:
+  """Random-access source: global batch number -> this process's batch."""
+
+  def __init__(
+    self,
+    split,
+    t2i,
+    clean,
+    *,
+    global_batch_size,
+    caption_len,
+    seed,
+    steps_per_epoch,
+    first_row,
+    rows,
+  ):
+    self.split, self.t2i, self.clean = split, t2i, clean
+    self.global_batch_size = global_batch_size
+    self.caption_len = caption_len
+    self.seed = seed
+    self.steps_per_epoch = steps_per_epoch
+    self.first_row, self.rows = first_row, rows
+    self._order = (-1, None)
+
+  def __len__(self) -> int:
+    return self.steps_per_epoch * _EPOCHS_AHEAD
+
+  def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+    epoch, within = divmod(int(step), self.steps_per_epoch)
+    cached_epoch, order = self._order  # one tuple read: safe across threads
+    if cached_epoch != epoch:
+      order = epoch_order(self.seed, epoch, self.split.n_captions)
+      self._order = (epoch, order)
+    start = within * self.global_batch_size + self.first_row
+    cap_index = order[start : start + self.rows]
+    return _pair_batch(self.split, self.t2i, self.clean, cap_index, self.caption_len)
+
+
+class TrainLoader:
+  """Endless iterator of this process's training batches with exact resume."""
+
+  def __init__(self, batches: _TrainBatches, num_workers: int):
+    self._batches = batches
+    self._num_workers = num_workers
+    self.steps_per_epoch = batches.steps_per_epoch
+    self._next_step = 0
+    self._iterator = None
+
+  def _start(self, step: int):
+    dataset = grain.MapDataset.source(self._batches)[step:].to_iter_dataset(
+      grain.ReadOptions(
+        num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES
+      )
+    )
+    if self._num_workers > 0:
+      dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(
+          num_workers=self._num_workers, per_worker_buffer_size=2
+        )
+      )
+    return iter(dataset)
+
+  def __iter__(self) -> "TrainLoader":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      self._iterator = self._start(self._next_step)
+    batch = next(self._iterator)
+    self._next_step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    b = self._batches
+    return {
+      "next_step": self._next_step,
+      "seed": b.seed,
+      "global_batch_size": b.global_batch_size,
+      "steps_per_epoch": b.steps_per_epoch,
+    }
+
+  def set_state(self, state: dict) -> None:
+    mine = self.get_state()
+    for key in ("seed", "global_batch_size", "steps_per_epoch"):
+      if state[key] != mine[key]:
+        raise UserError(
+          f"the checkpoint's data iterator has {key}={state[key]} but this run "
+          f"has {mine[key]}; resume with the same train.seed and train.batch_size"
+        )
+    self._next_step = int(state["next_step"])
+    self._iterator = None
+
+
+def train_loader(
+  split: PreparedSplit,
+  t2i: np.ndarray,
+  clean: np.ndarray | None,
+  *,
+  global_batch_size: int,
+  caption_len: int,
+  seed: int,
+  num_workers: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  max_steps_per_epoch: int = 0,
+) -> TrainLoader:
+  """Training batches; `max_steps_per_epoch` > 0 caps the epoch length."""
+  t2i, clean = _check_noise(split, t2i, clean)
+  caption_len = caption_length(split, caption_len)
+  steps_per_epoch = split.n_captions // global_batch_size
+  if steps_per_epoch < 1:
+    raise UserError(
+      f"config train.batch_size={global_batch_size} exceeds the "
+      f"{split.n_captions} training captions"
+    )
+  if max_steps_per_epoch > 0:
+    steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
+  first_row, rows = _process_slice(global_batch_size, process_index, process_count)
+  batches = _TrainBatches(
+    split,
+    t2i,
+    clean,
+    global_batch_size=global_batch_size,
+    caption_len=caption_len,
+    seed=seed,
+    steps_per_epoch=steps_per_epoch,
+    first_row=first_row,
+    rows=rows,
+  )
+  return TrainLoader(batches, num_workers)
+
+
+def _padded_chunks(
+  indices: np.ndarray, batch_size: int, process_index, process_count
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """This process's slice of each global batch of `indices`, padded with a mask.
+
+  Padding rows repeat the last real index, so they are valid inputs that the
+  mask then discards; every process yields the same number of batches.
+  """
+  first_row, rows = _process_slice(batch_size, process_index, process_count)
+  for start in range(0, len(indices), batch_size):
+    chunk = indices[start : start + batch_size]
+    mask = np.arange(batch_size) < len(chunk)
+    chunk = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[-1])])
+    yield chunk[first_row : first_row + rows], mask[first_row : first_row + rows]
+
+
+def _num_images(split: PreparedSplit, num_images: int | None) -> int:
+  n = num_images or split.n_images
+  if n > split.n_images:
+    raise UserError(
+      f"asked for the first {n} images of {split.split}, which has only "
+      f"{split.n_images} (config data.val_images)"
+    )
+  return n
+
+
+def image_batches(
+  split: PreparedSplit,
+  batch_size: int,
+  *,
+  num_images: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Each of the first `num_images` images once, in order, last batch padded."""
+  indices = np.arange(_num_images(split, num_images))
+  for rows, mask in _padded_chunks(indices, batch_size, process_index, process_count):
+    yield {
+      "images": split.images(rows),
+      "img_index": rows.astype(np.int32),
+      "mask": mask,
+    }
+
+
+def caption_batches(
+  split: PreparedSplit,
+  batch_size: int,
+  caption_len: int,
+  *,
+  num_images: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Each caption of the first `num_images` images once, in order."""
+  caption_len = caption_length(split, caption_len)
+  indices = np.flatnonzero(split.cap_to_img < _num_images(split, num_images))
+  for rows, mask in _padded_chunks(indices, batch_size, process_index, process_count):
+    tokens, lengths = split.padded_tokens(rows, caption_len)
+    yield {
+      "tokens": tokens,
+      "lengths": lengths,
+      "cap_index": rows.astype(np.int32),
+      "img_index": split.cap_to_img[rows].astype(np.int32),
+      "mask": mask,
+    }
+
+
+def pair_batches(
+  split: PreparedSplit,
+  t2i: np.ndarray,
+  batch_size: int,
+  caption_len: int,
+  *,
+  seed: int,
+  clean: np.ndarray | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Every training pair once in a seeded order, like `train_loader` plus mask.
+
+  `clean` defaults to `t2i == split.cap_to_img`.
+  """
+  t2i, clean = _check_noise(split, t2i, clean)
+  caption_len = caption_length(split, caption_len)
+  order = np.random.default_rng(np.random.SeedSequence([seed])).permutation(
+    split.n_captions
+  )
+  for rows, mask in _padded_chunks(order, batch_size, process_index, process_count):
+    yield {**_pair_batch(split, t2i, clean, rows, caption_len), "mask": mask}
