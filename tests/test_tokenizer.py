@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from srem_jax.data import tokenizer
+from srem_jax.data import build_vocab, tokenizer
 from srem_jax.errors import UserError
 
 # Expected lists are what `nltk.word_tokenize(caption.lower())` returns.
@@ -209,3 +209,18 @@ def test_load_reports_missing_and_broken_files(tmp_path):
   bad.write_text("{not json")
   with pytest.raises(UserError, match="bad.json: not a readable JSON"):
     tokenizer.Vocab.load(str(bad))
+
+
+def test_build_vocab_file_counts_train_and_dev_only(tmp_path):
+  folder = tmp_path / "toy_precomp"
+  folder.mkdir()
+  splits = {"train": ["a red dog."] * 3, "dev": ["a dog"] * 2, "test": ["a cat"] * 9}
+  for split, captions in splits.items():
+    np.save(folder / f"{split}_ims.npy", np.zeros((len(captions), 2, 3), np.float32))
+    (folder / f"{split}_caps.txt").write_text("\n".join(captions) + "\n")
+  path = build_vocab.build_vocab_file(str(tmp_path), "toy_precomp", min_count=4)
+  assert path == str(tmp_path / "vocab" / "toy_precomp_vocab.json")
+  words = tokenizer.Vocab.load(path).word2idx
+  assert list(words)[4:] == ["a", "dog"]  # counts 5 and 5; "red" and "." only 3
+  with pytest.raises(UserError, match="refusing to overwrite"):
+    build_vocab.build_vocab_file(str(tmp_path), "toy_precomp")
