@@ -1,0 +1,284 @@
+"""SGRAF's global vectors and similarity heads, every image x every caption.
+
+Owns `VisualSA` and `TextSA` (the attended global vectors), the per-pair SGR
+and SAF heads, and `SimilarityHead`, which scores a whole block of images
+against a block of captions with masks for padded words so that each score
+equals the reference's unpadded computation (SPEC §2). Names follow the
+PyTorch modules (`v_global_w.embedding_local`, `sim_tranloc_w`,
+`SGR_module_<i>.graph_query_w`, `SAF_module.attn_sim_w`, ...).
+
+The block is processed in chunks of `cap_chunk` captions under `nn.scan`
+with rematerialisation: the (images, captions, words, E) context tensor, the
+largest intermediate, only ever exists for one chunk, in the forward and the
+backward pass.
+
+Train-mode BatchNorm versus the reference's loop over captions:
+- VisualSA's two BatchNorms see the same images as the reference (all images
+  given to `VisualSA` at once), so statistics and updates are identical.
+- SAF's one-channel BatchNorm is normalised per caption with statistics over
+  (images x real nodes of that caption), as the reference's loop does. The
+  reference updates the running statistics once per caption, in caption
+  order; we apply the same M updates in closed form
+  (r <- 0.9^M r + sum_k 0.1 * 0.9^(M-1-k) s_k), so running statistics after
+  a block equal the reference's after the same batch. They differ only when a
+  training batch is scored in several calls (each call is one chain of
+  updates, in call order) or when captions are padded (pad captions are
+  excluded).
+- Dropout in TextSA draws one mask per caption per call, like the reference,
+  but from JAX's generator, so the draws themselves differ.
+
+    head = SimilarityHead(head="sgr", sim_dim=8, sgr_steps=3, smooth=9.0)
+    variables = head.init(key, local, img_glob, words, cap_glob, mask, train=False)
+    scores = head.apply(variables, local, img_glob, words, cap_glob, mask, train=False)
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from srem_jax.models.encoders import (
+  TORCH_BN_EPS,
+  TORCH_BN_MOMENTUM,
+  TorchBatchNorm,
+  dense,
+  l1_normalize,
+  l2_normalize,
+)
+
+
+def masked_softmax(logits: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
+  """Softmax over the entries where mask is True; masked entries get weight 0."""
+  logits = jnp.asarray(logits)
+  logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  return jax.nn.softmax(logits, axis=axis) * mask
+
+
+def _matmul(spec: str, a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
+  return jnp.einsum(
+    spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32
+  )
+
+
+class VisualSA(nn.Module):
+  """Attended global image vector; BatchNorm channels are the regions, then E."""
+
+  embed_dim: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, local: jax.Array, *, train: bool) -> jax.Array:
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    local_emb = dense(self.embed_dim, self.dtype, "embedding_local")(local)
+    local_emb = TorchBatchNorm(channel_axis=1, name="embedding_local_bn")(
+      local_emb, train=train
+    )
+    local_emb = drop(jnp.tanh(local_emb))
+    global_emb = dense(self.embed_dim, self.dtype, "embedding_global")(
+      jnp.mean(local, axis=1)
+    )
+    global_emb = TorchBatchNorm(channel_axis=-1, name="embedding_global_bn")(
+      global_emb, train=train
+    )
+    global_emb = drop(jnp.tanh(global_emb))
+    common = dense(1, self.dtype, "embedding_common")(local_emb * global_emb[:, None])
+    weights = jax.nn.softmax(common[..., 0].astype(jnp.float32), axis=1)
+    return l2_normalize(jnp.sum(weights[..., None] * local, axis=1))
+
+
+class TextSA(nn.Module):
+  """Attended global caption vector over real words only (no BatchNorm)."""
+
+  embed_dim: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, words: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    real = mask[..., None].astype(jnp.float32)
+    mean_word = jnp.sum(words * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1)
+    local_emb = drop(
+      jnp.tanh(dense(self.embed_dim, self.dtype, "embedding_local")(words))
+    )
+    global_emb = drop(
+      jnp.tanh(dense(self.embed_dim, self.dtype, "embedding_global")(mean_word))
+    )
+    common = dense(1, self.dtype, "embedding_common")(local_emb * global_emb[:, None])
+    weights = masked_softmax(common[..., 0].astype(jnp.float32), mask, axis=1)
+    return l2_normalize(jnp.sum(weights[..., None] * words, axis=1))
+
+
+class GraphReasoning(nn.Module):
+  """One SGR step over nodes (..., K, S); edges only towards real key nodes."""
+
+  sim_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, nodes: jax.Array, node_mask: jax.Array) -> jax.Array:
+    query = dense(self.sim_dim, self.dtype, "graph_query_w")(nodes)
+    key = dense(self.sim_dim, self.dtype, "graph_key_w")(nodes)
+    logits = _matmul("ncis,ncjs->ncij", query, key, self.dtype)
+    edges = masked_softmax(logits, node_mask[None, :, None, :], axis=-1)
+    gathered = _matmul("ncij,ncjs->ncis", edges, nodes, self.dtype)
+    return nn.relu(dense(self.sim_dim, self.dtype, "sim_graph_w")(gathered)).astype(
+      jnp.float32
+    )
+
+
+class PairHead(nn.Module):
+  """Scores of N images against one chunk of C captions -> (N, C).
+
+  A scan body: parameters are shared across chunks, SAF's running statistics
+  arrive as an input and its per-caption batch statistics leave as an output,
+  so the body never mutates state.
+  """
+
+  head: str
+  sim_dim: int
+  sgr_steps: int
+  smooth: float
+  train: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, carry, words, cap_glob, mask, image):
+    local, img_glob, saf_running = image
+    # SCAN attention: regions attend to words, normalised per region over the
+    # caption's real words, then a smoothed softmax over regions per word.
+    attn = _matmul("nre,cle->ncrl", local, words, self.dtype)
+    attn = jax.nn.leaky_relu(attn, 0.1) * mask[None, :, None, :]
+    attn = jax.nn.softmax(self.smooth * l2_normalize(attn), axis=2)
+    context = l2_normalize(_matmul("ncrl,nre->ncle", attn, local, self.dtype))
+    local_sim = jnp.square(context - words[None])
+    local_nodes = dense(self.sim_dim, self.dtype, "sim_tranloc_w")(local_sim)
+    global_sim = jnp.square(img_glob[:, None] - cap_glob[None])
+    global_node = dense(self.sim_dim, self.dtype, "sim_tranglo_w")(global_sim)
+    nodes = jnp.concatenate(
+      [
+        l2_normalize(global_node.astype(jnp.float32))[:, :, None],
+        l2_normalize(local_nodes.astype(jnp.float32)),
+      ],
+      axis=2,
+    )
+    node_mask = jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1)
+
+    if self.head == "sgr":
+      for step in range(self.sgr_steps):
+        nodes = GraphReasoning(self.sim_dim, self.dtype, name=f"SGR_module_{step}")(
+          nodes, node_mask
+        )
+      sim_vec, saf_stats = nodes[:, :, 0], None
+    else:
+      sim_vec, saf_stats = AttentionFiltration(
+        self.train, self.dtype, name="SAF_module"
+      )(nodes, node_mask, saf_running)
+    score = dense(1, self.dtype, "sim_eval_w")(sim_vec)[..., 0].astype(jnp.float32)
+    return carry, (jax.nn.sigmoid(score), saf_stats)
+
+
+class AttentionFiltration(nn.Module):
+  """SAF: gate each node by sigmoid(BN(w_a . x)), l1-normalise, pool, l2n.
+
+  The one-channel BatchNorm uses per-caption statistics over (images x real
+  nodes) in train mode, running statistics otherwise; returns the pooled
+  vectors and the per-caption (mean, biased variance, count).
+  """
+
+  train: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, nodes, node_mask, running):
+    logits = dense(1, self.dtype, "attn_sim_w")(nodes)[..., 0].astype(jnp.float32)
+    scale = self.param("bn_scale", nn.initializers.ones, (1,))
+    bias = self.param("bn_bias", nn.initializers.zeros, (1,))
+    real = node_mask[None].astype(jnp.float32)
+    count = logits.shape[0] * jnp.sum(real, axis=(0, 2))
+    if self.train:
+      mean = jnp.sum(logits * real, axis=(0, 2)) / count
+      var = jnp.sum(jnp.square(logits - mean[:, None]) * real, axis=(0, 2)) / count
+    else:
+      mean, var = (
+        jnp.broadcast_to(running[0], count.shape),
+        jnp.broadcast_to(running[1], count.shape),
+      )
+    normed = (logits - mean[:, None]) * jax.lax.rsqrt(var[:, None] + TORCH_BN_EPS)
+    weights = l1_normalize(jax.nn.sigmoid(normed * scale + bias) * real)
+    pooled = _matmul("ncj,ncjs->ncs", weights, nodes, self.dtype)
+    return l2_normalize(pooled), (mean, var, count)
+
+
+class SimilarityHead(nn.Module):
+  """Every image x every caption -> (N, M) scores in (0, 1) (see module doc)."""
+
+  head: str
+  sim_dim: int
+  sgr_steps: int
+  smooth: float
+  cap_chunk: int = 32
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, local, img_glob, words, cap_glob, mask, *, train: bool):
+    if self.head not in ("sgr", "saf"):
+      raise ValueError(f"head must be 'sgr' or 'saf', got {self.head!r}")
+    num_caps = words.shape[0]
+    chunk = min(self.cap_chunk, num_caps)
+    pad = -num_caps % chunk
+    # Pad captions have one real (zero) word so that nothing divides by zero.
+    pad_mask = jnp.zeros((pad, mask.shape[1]), bool).at[:, 0].set(True)
+    words = jnp.pad(words, ((0, pad), (0, 0), (0, 0)))
+    cap_glob = jnp.pad(cap_glob, ((0, pad), (0, 0)))
+    mask = jnp.concatenate([mask, pad_mask])
+
+    def chunked(x):
+      return x.reshape((-1, chunk) + x.shape[1:])
+
+    running = None
+    if self.head == "saf":
+      running_mean = self.variable("batch_stats", "saf_bn_mean", jnp.zeros, (1,))
+      running_var = self.variable("batch_stats", "saf_bn_var", jnp.ones, (1,))
+      running = (running_mean.value, running_var.value)
+
+    scan_head = nn.scan(
+      nn.remat(PairHead, prevent_cse=False),
+      variable_broadcast="params",
+      split_rngs={"params": False},
+      in_axes=(0, 0, 0, nn.broadcast),
+      out_axes=0,
+    )(
+      head=self.head,
+      sim_dim=self.sim_dim,
+      sgr_steps=self.sgr_steps,
+      smooth=self.smooth,
+      train=train,
+      dtype=self.dtype,
+      name="pairs",
+    )
+    image = (local.astype(jnp.float32), img_glob.astype(jnp.float32), running)
+    _, (scores, saf_stats) = scan_head(
+      None, chunked(words), chunked(cap_glob), chunked(mask), image
+    )
+    scores = jnp.moveaxis(scores, 0, 1).reshape(local.shape[0], -1)[:, :num_caps]
+
+    if self.head == "saf" and train and not self.is_initializing():
+      mean, var, count = (s.reshape(-1)[:num_caps] for s in saf_stats)
+      running_mean.value, running_var.value = _sequential_running_update(
+        (running_mean.value, running_var.value), mean, var, count
+      )
+    return scores
+
+
+def _sequential_running_update(running, means, variances, counts):
+  """PyTorch's running update applied once per caption, in caption order."""
+  decay = 1 - TORCH_BN_MOMENTUM
+  num = means.shape[0]
+  weights = TORCH_BN_MOMENTUM * decay ** jnp.arange(num - 1, -1, -1, dtype=jnp.float32)
+  unbiased = variances * counts / jnp.maximum(counts - 1, 1)
+  mean = decay**num * running[0] + jnp.sum(weights * means)
+  var = decay**num * running[1] + jnp.sum(weights * unbiased)
+  return mean, var

@@ -1,0 +1,119 @@
+"""Block scoring equals the reference's caption-by-caption, unpadded scoring."""
+
+import jax
+import numpy as np
+import pytest
+
+from srem_jax.models.heads import masked_softmax
+from srem_jax.models.sgraf import SGRAF, CaptionEmbedding, ImageEmbedding
+
+NUM_IMG, MAX_LEN = 3, 7
+
+
+def _model_and_data(head, seed=0):
+  rng = np.random.default_rng(seed)
+  # Four captions against a chunk of three: the scan also runs a padded chunk.
+  model = SGRAF(
+    vocab_size=50,
+    head=head,
+    img_dim=12,
+    embed_dim=16,
+    word_dim=8,
+    sim_dim=8,
+    cap_chunk=3,
+  )
+  images = rng.normal(size=(NUM_IMG, 6, 12)).astype(np.float32)
+  lengths = rng.integers(2, MAX_LEN + 1, size=4)
+  tokens = rng.integers(4, 50, size=(4, MAX_LEN))
+  tokens = np.where(np.arange(MAX_LEN)[None] < lengths[:, None], tokens, 0)
+  variables = model.init(jax.random.PRNGKey(seed), images, tokens, lengths, train=False)
+  if head == "saf":  # non-trivial running statistics
+    stats = variables["batch_stats"]["sim_enc"]
+    variables["batch_stats"]["sim_enc"] = {
+      "saf_bn_mean": stats["saf_bn_mean"] + 0.3,
+      "saf_bn_var": stats["saf_bn_var"] * 0.5,
+    }
+  return model, variables, images, tokens, lengths
+
+
+def _embed(model, variables, images, tokens, lengths):
+  img = model.apply(variables, images, train=False, method=SGRAF.encode_images)
+  cap = model.apply(
+    variables, tokens, lengths, train=False, method=SGRAF.encode_captions
+  )
+  return img, cap
+
+
+@pytest.mark.parametrize("head", ["sgr", "saf"])
+def test_block_scores_equal_one_pair_at_a_time(head):
+  model, variables, images, tokens, lengths = _model_and_data(head)
+  block = model.apply(variables, images, tokens, lengths, train=False)
+  img, _ = _embed(model, variables, images, tokens, lengths)
+  for m, length in enumerate(lengths):
+    # The caption alone, unpadded, as the reference slices cap_emb[i, :n_word].
+    alone = model.apply(
+      variables,
+      tokens[m : m + 1, :length],
+      lengths[m : m + 1],
+      train=False,
+      method=SGRAF.encode_captions,
+    )
+    for n in range(NUM_IMG):
+      pair_img = ImageEmbedding(img.local[n : n + 1], img.glob[n : n + 1])
+      pair = model.apply(variables, pair_img, alone, train=False, method=SGRAF.score)
+      np.testing.assert_allclose(block[n, m], pair[0, 0], rtol=1e-5)
+
+
+def test_saf_train_mode_equals_reference_caption_loop():
+  """Per-caption BatchNorm statistics and one running update per caption."""
+  model, variables, images, tokens, lengths = _model_and_data("saf", seed=1)
+  img, cap = _embed(model, variables, images, tokens, lengths)
+  block, updates = model.apply(
+    variables, img, cap, train=True, mutable=["batch_stats"], method=SGRAF.score
+  )
+  looped = dict(variables)
+  for m, length in enumerate(lengths):
+    alone = CaptionEmbedding(
+      cap.words[m : m + 1, :length], cap.glob[m : m + 1], cap.mask[m : m + 1, :length]
+    )
+    column, stats = model.apply(
+      looped, img, alone, train=True, mutable=["batch_stats"], method=SGRAF.score
+    )
+    np.testing.assert_allclose(block[:, m], column[:, 0], rtol=1e-5)
+    looped = {**looped, "batch_stats": stats["batch_stats"]}
+  block_stats = jax.tree_util.tree_map(np.asarray, updates["batch_stats"]["sim_enc"])
+  expected = jax.tree_util.tree_map(np.asarray, looped["batch_stats"]["sim_enc"])
+  for name in ("saf_bn_mean", "saf_bn_var"):
+    np.testing.assert_allclose(block_stats[name], expected[name], rtol=1e-5)
+  assert not np.allclose(
+    expected["saf_bn_mean"], variables["batch_stats"]["sim_enc"]["saf_bn_mean"]
+  )
+
+
+def test_saf_train_statistics_ignore_padded_words():
+  model, variables, images, tokens, lengths = _model_and_data("saf", seed=2)
+  img, cap = _embed(model, variables, images, tokens, lengths)
+  padded = CaptionEmbedding(
+    np.pad(cap.words, ((0, 0), (0, 3), (0, 0))),
+    cap.glob,
+    np.pad(cap.mask, ((0, 0), (0, 3))),
+  )
+  run = lambda c: model.apply(
+    variables, img, c, train=True, mutable=["batch_stats"], method=SGRAF.score
+  )
+  (scores, stats), (scores_padded, stats_padded) = run(cap), run(padded)
+  np.testing.assert_allclose(scores, scores_padded, rtol=1e-5)
+  np.testing.assert_allclose(
+    stats["batch_stats"]["sim_enc"]["saf_bn_var"],
+    stats_padded["batch_stats"]["sim_enc"]["saf_bn_var"],
+    rtol=1e-5,
+  )
+
+
+def test_masked_softmax_gives_masked_entries_zero_and_survives_empty_rows():
+  logits = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+  mask = np.array([[True, True, False], [False, False, False]])
+  probs = np.asarray(masked_softmax(logits, mask))
+  e = np.exp([1.0, 2.0])
+  np.testing.assert_allclose(probs[0], [e[0] / e.sum(), e[1] / e.sum(), 0.0], rtol=1e-6)
+  np.testing.assert_array_equal(probs[1], 0.0)
