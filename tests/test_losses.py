@@ -416,3 +416,10 @@ def test_missing_loss_field_is_reported():
   del cfg["tau"]
   with pytest.raises(UserError, match=r"^loss\.tau: missing"):
     losses.validate_loss_config(cfg)
+
+
+def test_complementary_gradient_finite_for_a_certain_batch_without_eps():
+  S = jnp.eye(4) * 0.999 + 1e-3  # P_ii rounds to 1 in float32
+  for bias in losses.BIASES:
+    grad = jax.grad(lambda s: losses.complementary_loss(s, 0.01, 0.5, bias, 0.0)[0])(S)
+    chex.assert_tree_all_finite(grad)
