@@ -201,3 +201,17 @@ def test_caption_length(data):
     UserError, match=rf"data.caption_len={longest - 1} .*\({longest} tokens"
   ):
     pipeline.caption_length(split, longest - 1)
+
+
+def test_worker_processes_give_the_same_batches_and_resume(data, noisy):
+  expected = _take(_loader(data, noisy), 6)
+  loader = _loader(data, noisy, num_workers=2)
+  got = _take(loader, 3)
+  state = loader.get_state()
+  loader.close()
+  resumed = _loader(data, noisy, num_workers=1)
+  resumed.set_state(state)
+  got += _take(resumed, 3)
+  for want, batch in zip(expected, got):
+    for key in want:
+      np.testing.assert_array_equal(batch[key], want[key])

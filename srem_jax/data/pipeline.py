@@ -21,6 +21,7 @@ import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
 
 from srem_jax.data import prepare
 from srem_jax.errors import UserError
@@ -60,14 +61,20 @@ class PreparedSplit:
 
   def images(self, indices: np.ndarray) -> np.ndarray:
     """Region features (len(indices), R, D) float32 of the given images."""
-    indices = np.asarray(indices, np.int64)
-    records = self._source("images").__getitems__(indices.tolist())
-    out = np.empty((len(indices), self.num_regions, self.feature_dim), np.float32)
-    for row, record in enumerate(records):
-      out[row] = record["features"]
-    got = np.fromiter((r["index"] for r in records), np.int64, count=len(records))
-    if not np.array_equal(got, indices):
-      raise UserError(f"{self.path}: image records out of order; delete it to rebuild")
+    # Hot path: parse the stored example directly and copy the feature bytes
+    # once, instead of TFDS's generic decode (three copies of ~300 KB each).
+    records = self._source("images").data_source
+    shape = (self.num_regions, self.feature_dim)
+    out = np.empty((len(indices), *shape), np.float32)
+    for row, i in enumerate(np.asarray(indices, np.int64).tolist()):
+      feature = tf_example_pb2.Example.FromString(records[i]).features.feature
+      if feature["index"].int64_list.value[0] != i:
+        raise UserError(
+          f"{self.path}: image records out of order; delete it to rebuild"
+        )
+      out[row] = np.frombuffer(
+        feature["features"].bytes_list.value[0], np.float32
+      ).reshape(shape)
     return out
 
   def padded_tokens(
@@ -256,8 +263,14 @@ class TrainLoader:
           f"the checkpoint's data iterator has {key}={state[key]} but this run "
           f"has {mine[key]}; resume with the same train.seed and train.batch_size"
         )
+    self.close()
     self._next_step = int(state["next_step"])
-    self._iterator = None
+
+  def close(self) -> None:
+    """Stops prefetch threads and worker processes; iteration restarts lazily."""
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
 
 
 def train_loader(

@@ -21,10 +21,13 @@ import json
 import os
 import tempfile
 from typing import Callable, Sequence
+from unittest import mock
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags, logging
+from array_record.python import array_record_module
+from tensorflow_datasets.core import file_adapters
 
 from srem_jax import cli
 from srem_jax.data import layout, tokenizer
@@ -191,6 +194,28 @@ def _check_vocab(
     )
 
 
+def _write_uncompressed(cls, path, iterator):
+  writer = array_record_module.ArrayRecordWriter(
+    os.fspath(path), "group_size:1,uncompressed"
+  )
+  for _, serialized_example in iterator:
+    writer.write(serialized_example)
+  writer.close()
+
+
+@contextlib.contextmanager
+def _uncompressed_records():
+  """Writes ArrayRecord files without TFDS's default zstd compression.
+
+  Region features barely compress, and decompressing them made random reads of
+  a training batch about 3.5x slower. Readers need no change: the option is
+  stored in each file.
+  """
+  adapter = file_adapters.ArrayRecordFileAdapter
+  with mock.patch.object(adapter, "write_examples", classmethod(_write_uncompressed)):
+    yield
+
+
 @contextlib.contextmanager
 def _quiet_tfds():
   """Silences TFDS's banners and its warning about a custom builder config."""
@@ -209,7 +234,11 @@ def _build_split(raw_dir, name, split, vocab, vocab_meta, prepared_dir) -> dict:
     manual_dir=os.path.join(raw_dir, name),
     compute_stats=tfds.download.ComputeStatsMode.SKIP,
   )
-  with _quiet_tfds(), tempfile.TemporaryDirectory() as downloads:
+  with (
+    _quiet_tfds(),
+    _uncompressed_records(),
+    tempfile.TemporaryDirectory() as downloads,
+  ):
     builder = SremPrecomp(
       raw=raw,
       vocab=vocab,
