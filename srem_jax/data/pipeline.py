@@ -28,7 +28,7 @@ from srem_jax.errors import UserError
 
 # The training source is "endless": this many epochs ahead of any start.
 _EPOCHS_AHEAD = 1_000_000
-# Whole batches are prefetched by threads; array_record reads without the GIL.
+# Whole batches are read ahead by a few threads, overlapping the train step.
 _READ_THREADS = 2
 _PREFETCH_BATCHES = 4
 
@@ -174,29 +174,20 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(n)
 
 
+@dataclasses.dataclass
 class _TrainBatches:
   """Random-access source: global batch number -> this process's batch."""
 
-  def __init__(
-    self,
-    split,
-    t2i,
-    clean,
-    *,
-    global_batch_size,
-    caption_len,
-    seed,
-    steps_per_epoch,
-    first_row,
-    rows,
-  ):
-    self.split, self.t2i, self.clean = split, t2i, clean
-    self.global_batch_size = global_batch_size
-    self.caption_len = caption_len
-    self.seed = seed
-    self.steps_per_epoch = steps_per_epoch
-    self.first_row, self.rows = first_row, rows
-    self._order = (-1, None)
+  split: PreparedSplit
+  t2i: np.ndarray
+  clean: np.ndarray
+  global_batch_size: int
+  caption_len: int
+  seed: int
+  steps_per_epoch: int
+  first_row: int  # this process's rows of each global batch
+  rows: int
+  _order: tuple = (-1, None)  # (epoch, caption order) of the last epoch read
 
   def __len__(self) -> int:
     return self.steps_per_epoch * _EPOCHS_AHEAD
@@ -299,9 +290,9 @@ def train_loader(
     steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
   first_row, rows = _process_slice(global_batch_size, process_index, process_count)
   batches = _TrainBatches(
-    split,
-    t2i,
-    clean,
+    split=split,
+    t2i=t2i,
+    clean=clean,
     global_batch_size=global_batch_size,
     caption_len=caption_len,
     seed=seed,

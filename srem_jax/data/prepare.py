@@ -90,7 +90,9 @@ def file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-class SremPrecomp(tfds.core.GeneratorBasedBuilder):
+# Unregistered: the copy is opened by path, and `python -m` of this module
+# would otherwise register the name a second time.
+class SremPrecomp(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """One raw split (images + tokenised captions) as two ArrayRecord record sets."""
 
   VERSION = tfds.core.Version(VERSION)
