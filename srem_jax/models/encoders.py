@@ -23,8 +23,15 @@ TORCH_BN_EPS = 1e-5
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """x / (||x||_2 + 1e-8), the reference's `l2norm` (eps outside the root)."""
-  return x / (jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True)) + NORM_EPS)
+  """x / (||x||_2 + 1e-8), the reference's `l2norm` (eps outside the root).
+
+  Zero vectors (padding) stay zero with a finite gradient: the square root is
+  never differentiated at 0.
+  """
+  squares = jnp.sum(x * x, axis=axis, keepdims=True)
+  nonzero = squares > 0
+  norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0)
+  return x / (norm + NORM_EPS)
 
 
 def l1_normalize(x: jax.Array, axis: int = -1) -> jax.Array:

@@ -1,0 +1,105 @@
+"""The SGRAF similarity network (SPEC §2): encoders plus an SGR or SAF head.
+
+Owns `SGRAF`, the embeddings it passes between its stages
+(`ImageEmbedding`, `CaptionEmbedding`) and `build_model` from
+`config.model`. Embedding and scoring are separate methods so evaluation can
+embed every image and caption once and score them tile by tile
+(`srem_jax.models.tiling.score_all`).
+
+    model = build_model(config.model, vocab_size=8481)
+    variables = model.init(key, images, tokens, lengths, train=False)
+    sims = model.apply(variables, images, tokens, lengths, train=False)  # (N, M)
+    img = model.apply(variables, images, train=False, method=SGRAF.encode_images)
+"""
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from srem_jax.errors import UserError
+from srem_jax.models.encoders import ImageEncoder, TextEncoder
+from srem_jax.models.heads import SimilarityHead, TextSA, VisualSA
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ImageEmbedding(NamedTuple):
+  local: jax.Array  # (N, R, E) l2-normalised regions
+  glob: jax.Array  # (N, E) VisualSA vector
+
+
+class CaptionEmbedding(NamedTuple):
+  words: jax.Array  # (M, L, E) l2-normalised words, padded positions exactly 0
+  glob: jax.Array  # (M, E) TextSA vector
+  mask: jax.Array  # (M, L) True at real words
+
+
+class SGRAF(nn.Module):
+  """Image regions and caption tokens -> (N, M) similarities in (0, 1)."""
+
+  vocab_size: int
+  head: str = "sgr"
+  img_dim: int = 2048
+  embed_dim: int = 1024
+  word_dim: int = 300
+  sim_dim: int = 256
+  sgr_steps: int = 3
+  dropout: float = 0.4
+  smooth: float = 9.0
+  dtype: Any = jnp.float32
+  cap_chunk: int = 32  # captions per scan step inside a scoring block
+
+  def setup(self):
+    self.img_enc = ImageEncoder(self.embed_dim, self.dtype)
+    self.txt_enc = TextEncoder(
+      self.vocab_size, self.word_dim, self.embed_dim, self.dropout, self.dtype
+    )
+    self.v_global_w = VisualSA(self.embed_dim, self.dropout, self.dtype)
+    self.t_global_w = TextSA(self.embed_dim, self.dropout, self.dtype)
+    self.sim_enc = SimilarityHead(
+      self.head, self.sim_dim, self.sgr_steps, self.smooth, self.cap_chunk, self.dtype
+    )
+
+  def encode_images(self, images: jax.Array, *, train: bool) -> ImageEmbedding:
+    local = self.img_enc(images)
+    return ImageEmbedding(local, self.v_global_w(local, train=train))
+
+  def encode_captions(self, tokens, lengths, *, train: bool) -> CaptionEmbedding:
+    mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    words = self.txt_enc(tokens, lengths, train=train)
+    return CaptionEmbedding(words, self.t_global_w(words, mask, train=train), mask)
+
+  def score(self, img: ImageEmbedding, cap: CaptionEmbedding, *, train: bool):
+    return self.sim_enc(img.local, img.glob, cap.words, cap.glob, cap.mask, train=train)
+
+  def __call__(self, images, tokens, lengths, *, train: bool) -> jax.Array:
+    img = self.encode_images(images, train=train)
+    cap = self.encode_captions(tokens, lengths, train=train)
+    return self.score(img, cap, train=train)
+
+
+def build_model(model_cfg, vocab_size: int) -> SGRAF:
+  """SGRAF from `config.model`; bad head or dtype names are UserErrors."""
+  if model_cfg.head not in ("sgr", "saf"):
+    raise UserError(
+      f"config.model.head: expected 'sgr' or 'saf', got {model_cfg.head!r}"
+    )
+  if model_cfg.dtype not in DTYPES:
+    raise UserError(
+      f"config.model.dtype: expected one of {sorted(DTYPES)}, got {model_cfg.dtype!r}"
+    )
+  return SGRAF(
+    vocab_size=vocab_size,
+    head=model_cfg.head,
+    img_dim=model_cfg.img_dim,
+    embed_dim=model_cfg.embed_dim,
+    word_dim=model_cfg.word_dim,
+    sim_dim=model_cfg.sim_dim,
+    sgr_steps=model_cfg.sgr_steps,
+    dropout=model_cfg.dropout,
+    smooth=model_cfg.smooth,
+    dtype=DTYPES[model_cfg.dtype],
+    cap_chunk=model_cfg.get("cap_chunk", 32),
+  )
