@@ -49,18 +49,17 @@ def test_block_scores_equal_one_pair_at_a_time(head):
   model, variables, images, tokens, lengths = _model_and_data(head)
   block = model.apply(variables, images, tokens, lengths, train=False)
   img, _ = _embed(model, variables, images, tokens, lengths)
+  encode = jax.jit(
+    lambda t, n: model.apply(variables, t, n, train=False, method=SGRAF.encode_captions)
+  )
+  score = jax.jit(
+    lambda i, c: model.apply(variables, i, c, train=False, method=SGRAF.score)
+  )
   for m, length in enumerate(lengths):
     # The caption alone, unpadded, as the reference slices cap_emb[i, :n_word].
-    alone = model.apply(
-      variables,
-      tokens[m : m + 1, :length],
-      lengths[m : m + 1],
-      train=False,
-      method=SGRAF.encode_captions,
-    )
+    alone = encode(tokens[m : m + 1, :length], lengths[m : m + 1])
     for n in range(NUM_IMG):
-      pair_img = ImageEmbedding(img.local[n : n + 1], img.glob[n : n + 1])
-      pair = model.apply(variables, pair_img, alone, train=False, method=SGRAF.score)
+      pair = score(ImageEmbedding(img.local[n : n + 1], img.glob[n : n + 1]), alone)
       np.testing.assert_allclose(block[n, m], pair[0, 0], rtol=1e-5)
 
 

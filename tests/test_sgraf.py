@@ -94,40 +94,31 @@ def test_train_step_shapes_finite_and_stateful_under_jit(head):
   variables = model.init(jax.random.PRNGKey(0), images, tokens, lengths, train=False)
 
   @jax.jit
-  def forward(variables, key):
-    return model.apply(
-      variables,
-      images,
-      tokens,
-      lengths,
-      train=True,
-      mutable=["batch_stats"],
-      rngs={"dropout": key},
-    )
+  def train_forward(params, key):
+    def total(params):
+      scores, updates = model.apply(
+        {**variables, "params": params},
+        images,
+        tokens,
+        lengths,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": key},
+      )
+      return scores.sum(), (scores, updates)
 
-  scores, updates = forward(variables, jax.random.PRNGKey(1))
+    return jax.grad(total, has_aux=True)(params)
+
+  grads, (scores, updates) = train_forward(variables["params"], jax.random.PRNGKey(1))
   chex.assert_shape(scores, (5, 7))
-  chex.assert_tree_all_finite((scores, updates))
+  chex.assert_tree_all_finite((scores, updates, grads))
   assert np.all((scores > 0) & (scores < 1))
   changed = jax.tree_util.tree_map(
     lambda a, b: not np.allclose(a, b), updates["batch_stats"], variables["batch_stats"]
   )
   assert all(jax.tree_util.tree_leaves(changed))
-  other, _ = forward(variables, jax.random.PRNGKey(2))
+  _, (other, _) = train_forward(variables["params"], jax.random.PRNGKey(2))
   assert not np.allclose(scores, other)  # dropout is active in train mode
-
-  grads = jax.grad(
-    lambda p: model.apply(
-      {**variables, "params": p},
-      images,
-      tokens,
-      lengths,
-      train=True,
-      mutable=["batch_stats"],
-      rngs={"dropout": jax.random.PRNGKey(1)},
-    )[0].sum()
-  )(variables["params"])
-  chex.assert_tree_all_finite(grads)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_close_scores():
