@@ -95,6 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.lr_decay_factor = 0.1  # step decay factor
   c.train.grad_clip = 2.0  # global-norm gradient clipping
   c.train.log_every_steps = 50  # progress/metrics line every N steps
+  c.train.steps_per_epoch = 0  # cap on steps per epoch, for smoke tests (0 = full pass)
   c.train.checkpoint_every_steps = 0  # extra mid-epoch checkpoints (0 = per epoch only)
 
   # ---- evaluation (SPEC §5) ------------------------------------------------

@@ -92,9 +92,15 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   def parse(argv):
     try:
-      return flags.FLAGS(argv)
+      remaining = flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as err:
       fail(_explain_flag_error(argv, err))
+    # config_flags defers a load failure to the first use of the config.
+    if "config" in flags.FLAGS and type(flags.FLAGS["config"].value).__name__ == (
+      "_ErrorConfig"
+    ):
+      fail(_explain_flag_error(argv, RuntimeError("could not load --config")))
+    return remaining
 
   def guarded_main(argv):
     logging.set_verbosity(logging.WARNING)

@@ -8,6 +8,7 @@ mistake costs one line instead of a crash an hour into a run.
 
 import math
 
+from srem_jax import losses
 from srem_jax.errors import UserError
 
 _CHOICES = {
@@ -15,9 +16,6 @@ _CHOICES = {
   "noise.protocol": ("caption", "image"),
   "model.head": ("sgr", "saf"),
   "model.dtype": ("float32", "bfloat16"),
-  "loss.name": ("srem", "triplet_hardest", "ccl"),
-  "loss.selection": ("batch", "epoch_gmm"),
-  "loss.bias": ("cross_modal", "same_modal"),
 }
 # key -> (lowest, highest, lowest allowed, highest allowed)
 _RANGES = {
@@ -29,13 +27,6 @@ _RANGES = {
   "model.sgr_steps": (1, math.inf, True, True),
   "model.dropout": (0.0, 1.0, True, False),
   "model.smooth": (0.0, math.inf, False, True),
-  "loss.tau": (0.0, math.inf, False, True),
-  "loss.energy_temp": (0.0, math.inf, False, True),
-  "loss.margin": (0.0, math.inf, True, True),
-  "loss.clean_quantile": (0.0, 1.0, False, True),
-  "loss.beta": (0.0, 1.0, True, True),
-  "loss.cmbcl_weight": (0.0, math.inf, True, True),
-  "loss.eps": (0.0, 1.0, False, False),
   "train.epochs": (1, math.inf, True, True),
   "train.warmup_epochs": (0, math.inf, True, True),
   "train.batch_size": (2, math.inf, True, True),
@@ -44,6 +35,7 @@ _RANGES = {
   "train.lr_decay_factor": (0.0, 1.0, False, True),
   "train.grad_clip": (0.0, math.inf, False, True),
   "train.log_every_steps": (1, math.inf, True, True),
+  "train.steps_per_epoch": (0, math.inf, True, True),
   "train.checkpoint_every_steps": (0, math.inf, True, True),
   "data.val_images": (0, math.inf, True, True),
   "data.caption_len": (0, math.inf, True, True),
@@ -79,6 +71,7 @@ def validate(config, num_devices: int | None = None) -> None:
       lo = "[" if low_ok else "("
       hi = "]" if high_ok else ")"
       raise UserError(f"config {key}={value!r}: must be in {lo}{low}, {high}{hi}")
+  losses.validate_loss_config(config.loss)
   if config.train.warmup_epochs > config.train.epochs:
     raise UserError(
       f"config train.warmup_epochs={config.train.warmup_epochs} exceeds "

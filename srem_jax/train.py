@@ -264,10 +264,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per `config` in `workdir` (resuming if it holds a checkpoint)."""
   config_checks.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh.data)
-  os.makedirs(workdir, exist_ok=True)
   report = Reporter(workdir)
   report.log(f"workdir: {os.path.abspath(workdir)}")
   data = dataset.open_data(config, workdir, log=report.log)
+  os.makedirs(workdir, exist_ok=True)
   if data.noise.path:
     report.log(f"noise ({data.noise.protocol}): {data.noise.path}")
   tcfg = config.train
@@ -279,6 +279,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     caption_len=data.caption_len,
     seed=tcfg.seed,
     num_workers=config.data.num_workers,
+    max_steps_per_epoch=tcfg.steps_per_epoch,
   )
   steps_per_epoch = loader.steps_per_epoch
   if steps_per_epoch < 1:
@@ -360,6 +361,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt.save_latest(step, state, loader.get_state(), selection, record)
         if stop.signal_name:
           ckpt.close()
+          loader.close()
           report.log(
             f"{stop.signal_name}: saved step {step} in {ckpt.latest_dir}; "
             "rerun the same command to resume"
@@ -388,6 +390,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       selection = _gmm_selection(config, model, state, data, mesh)
     ckpt.save_latest(step, state, loader.get_state(), selection, record)
 
+  loader.close()
   ckpt.wait()
   best = ckpt.restore_best(state)
   final_state = best.state if best is not None else state
