@@ -77,13 +77,15 @@ fi
 
 mkdir -p "$LOG_DIR"
 pids=()
-stop_all() {
+# Sends signal $1 to every process still running.
+signal_all() {
   for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
+    [[ -z "$pid" ]] || kill "-$1" "$pid" 2>/dev/null || true
   done
 }
-# An interrupted launch must not leave processes waiting on each other.
-trap 'stop_all; exit 130' INT TERM
+# Background processes of a script ignore Ctrl-C; pass it on as SIGTERM, on
+# which training saves a checkpoint and exits (rerun to resume).
+trap 'signal_all TERM; wait; exit 130' INT TERM
 
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   process_command "$i"
@@ -93,7 +95,8 @@ done
 echo "started $NUM_PROCESSES processes (coordinator 127.0.0.1:$PORT); logs in $LOG_DIR/"
 
 # Poll rather than wait in rank order: when one process dies, the others
-# block in their next collective, so they are stopped as soon as it is seen.
+# block in their next collective, so they are killed as soon as it is seen
+# (SIGTERM would not do: its checkpoint save needs the dead process too).
 status=0
 running=$NUM_PROCESSES
 while ((running > 0)); do
@@ -111,7 +114,7 @@ while ((running > 0)); do
       status=$code
       echo "process $i failed (exit $code); last lines of $LOG_DIR/process$i.log:" >&2
       tail -n 20 "$LOG_DIR/process$i.log" >&2
-      stop_all
+      signal_all KILL
     fi
   done
 done
