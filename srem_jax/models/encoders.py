@@ -11,6 +11,7 @@ text encoder. Parameter names follow the PyTorch modules (`fc`, `embed`,
     words = enc.apply(variables, tokens, lengths, train=False)  # (M, L, 16)
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -40,11 +41,18 @@ def l1_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def dense(features: int, dtype: Any, name: str) -> nn.Dense:
-  """Linear layer initialised like the reference: U(+-sqrt(6/(in+out))), bias 0."""
+  """Linear layer initialised like the reference: U(+-sqrt(6/(in+out))), bias 0.
+
+  Inputs and kernel are cast to `dtype`; products accumulate and come out in
+  float32.
+  """
   return nn.Dense(
     features,
     dtype=dtype,
     param_dtype=jnp.float32,
+    dot_general=functools.partial(
+      jax.lax.dot_general, preferred_element_type=jnp.float32
+    ),
     kernel_init=nn.initializers.xavier_uniform(),
     bias_init=nn.initializers.zeros,
     name=name,

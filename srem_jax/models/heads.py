@@ -47,6 +47,18 @@ from srem_jax.models.encoders import (
   l2_normalize,
 )
 
+# What a caption chunk keeps for the backward pass: everything ("none"),
+# only its inputs ("full": the backward repeats the whole forward), or the
+# outputs of the unbatched matmuls ("dots": the (images, captions, words, E)
+# context and the elementwise work around it are recomputed, the dense layers
+# are not).
+REMAT_POLICIES = {
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_MODES = tuple(REMAT_POLICIES)
+
 
 def masked_softmax(logits: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
   """Softmax over the entries where mask is True; masked entries get weight 0."""
@@ -111,22 +123,69 @@ class TextSA(nn.Module):
     return l2_normalize(jnp.sum(weights[..., None] * words, axis=1))
 
 
+class DenseParams(nn.Module):
+  """The kernel and bias of a reference-initialised linear layer, unapplied.
+
+  Lets a layer's weights be combined with another's before touching the
+  (many) pair activations, under the same parameter names as `dense`.
+  """
+
+  in_features: int
+  features: int
+
+  @nn.compact
+  def __call__(self):
+    kernel = self.param(
+      "kernel", nn.initializers.xavier_uniform(), (self.in_features, self.features)
+    )
+    return kernel, self.param("bias", nn.initializers.zeros, (self.features,))
+
+
+def _linear(x, kernel, bias, dtype):
+  return _matmul("...i,io->...o", x, kernel, dtype) + bias
+
+
 class GraphReasoning(nn.Module):
-  """One SGR step over nodes (..., K, S); edges only towards real key nodes."""
+  """One SGR step over nodes (..., K, S); edges only towards real key nodes.
+
+  The reference's step is relu(W_g(softmax_j(q_i . k_j) x_j)) with
+  q = W_q x + b_q and k = W_k x + b_k. Terms of q_i . k_j constant in j
+  cancel in the softmax, so the logits are (x_i W_q W_k^T + W_k b_q) . x_j,
+  and since every edge row sums to 1, W_g moves inside the sum. One
+  (K, S) x (S, 2S) matmul then replaces three (K, S) x (S, S) ones. With
+  `only_first` (the last step: the head reads node 0 alone) only node 0's
+  row is computed.
+  """
 
   sim_dim: int
+  only_first: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, nodes: jax.Array, node_mask: jax.Array) -> jax.Array:
-    query = dense(self.sim_dim, self.dtype, "graph_query_w")(nodes)
-    key = dense(self.sim_dim, self.dtype, "graph_key_w")(nodes)
-    logits = _matmul("ncis,ncjs->ncij", query, key, self.dtype)
-    edges = masked_softmax(logits, node_mask[None, :, None, :], axis=-1)
-    gathered = _matmul("ncij,ncjs->ncis", edges, nodes, self.dtype)
-    return nn.relu(dense(self.sim_dim, self.dtype, "sim_graph_w")(gathered)).astype(
-      jnp.float32
+    in_dim = nodes.shape[-1]
+    query_kernel, query_bias = DenseParams(in_dim, self.sim_dim, name="graph_query_w")()
+    key_kernel, _ = DenseParams(in_dim, self.sim_dim, name="graph_key_w")()
+    graph_kernel, graph_bias = DenseParams(in_dim, self.sim_dim, name="sim_graph_w")()
+    bilinear = query_kernel @ key_kernel.T
+    key_bias = key_kernel @ query_bias
+    edge_mask = node_mask[None, :, None, :]
+    if self.only_first:
+      query = _linear(nodes[:, :, :1], bilinear, key_bias, self.dtype)
+      logits = _matmul("ncis,ncjs->ncij", query, nodes, self.dtype)
+      edges = masked_softmax(logits, edge_mask, axis=-1)
+      gathered = _matmul("ncij,ncjs->ncis", edges, nodes, self.dtype)
+      return nn.relu(_linear(gathered[:, :, 0], graph_kernel, graph_bias, self.dtype))
+    projected = _matmul(
+      "ncjs,st->ncjt",
+      nodes,
+      jnp.concatenate([bilinear, graph_kernel], axis=1),
+      self.dtype,
     )
+    query, values = jnp.split(projected, 2, axis=-1)
+    logits = _matmul("ncis,ncjs->ncij", query + key_bias, nodes, self.dtype)
+    edges = masked_softmax(logits, edge_mask, axis=-1)
+    return nn.relu(_matmul("ncij,ncjs->ncis", edges, values, self.dtype) + graph_bias)
 
 
 class PairHead(nn.Module):
@@ -168,10 +227,12 @@ class PairHead(nn.Module):
 
     if self.head == "sgr":
       for step in range(self.sgr_steps):
-        nodes = GraphReasoning(self.sim_dim, self.dtype, name=f"SGR_module_{step}")(
-          nodes, node_mask
-        )
-      sim_vec, saf_stats = nodes[:, :, 0], None
+        last = step == self.sgr_steps - 1
+        nodes = GraphReasoning(
+          self.sim_dim, only_first=last, dtype=self.dtype, name=f"SGR_module_{step}"
+        )(nodes, node_mask)
+      sim_vec = nodes if self.sgr_steps else nodes[:, :, 0]
+      saf_stats = None
     else:
       sim_vec, saf_stats = AttentionFiltration(
         self.train, self.dtype, name="SAF_module"
@@ -221,11 +282,14 @@ class SimilarityHead(nn.Module):
   smooth: float
   cap_chunk: int = 32
   dtype: Any = jnp.float32
+  remat: str = "full"
 
   @nn.compact
   def __call__(self, local, img_glob, words, cap_glob, mask, *, train: bool):
     if self.head not in ("sgr", "saf"):
       raise ValueError(f"head must be 'sgr' or 'saf', got {self.head!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {REMAT_MODES}, got {self.remat!r}")
     num_caps = words.shape[0]
     chunk = min(self.cap_chunk, num_caps)
     pad = -num_caps % chunk
@@ -244,8 +308,11 @@ class SimilarityHead(nn.Module):
       running_var = self.variable("batch_stats", "saf_bn_var", jnp.ones, (1,))
       running = (running_mean.value, running_var.value)
 
+    body = PairHead
+    if self.remat != "none":
+      body = nn.remat(PairHead, prevent_cse=False, policy=REMAT_POLICIES[self.remat])
     scan_head = nn.scan(
-      nn.remat(PairHead, prevent_cse=False),
+      body,
       variable_broadcast="params",
       split_rngs={"params": False},
       in_axes=(0, 0, 0, nn.broadcast),

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from srem_jax.errors import UserError
 from srem_jax.models.encoders import ImageEncoder, TextEncoder
-from srem_jax.models.heads import SimilarityHead, TextSA, VisualSA
+from srem_jax.models.heads import REMAT_MODES, SimilarityHead, TextSA, VisualSA
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -50,6 +50,7 @@ class SGRAF(nn.Module):
   smooth: float = 9.0
   dtype: Any = jnp.float32
   cap_chunk: int = 32  # captions per scan step inside a scoring block
+  remat: str = "full"  # what a chunk keeps for backward: none | full | dots
 
   def setup(self):
     self.img_enc = ImageEncoder(self.embed_dim, self.dtype)
@@ -59,7 +60,13 @@ class SGRAF(nn.Module):
     self.v_global_w = VisualSA(self.embed_dim, self.dropout, self.dtype)
     self.t_global_w = TextSA(self.embed_dim, self.dropout, self.dtype)
     self.sim_enc = SimilarityHead(
-      self.head, self.sim_dim, self.sgr_steps, self.smooth, self.cap_chunk, self.dtype
+      self.head,
+      self.sim_dim,
+      self.sgr_steps,
+      self.smooth,
+      self.cap_chunk,
+      self.dtype,
+      self.remat,
     )
 
   def encode_images(self, images: jax.Array, *, train: bool) -> ImageEmbedding:
@@ -90,6 +97,11 @@ def build_model(model_cfg, vocab_size: int) -> SGRAF:
     raise UserError(
       f"config.model.dtype: expected one of {sorted(DTYPES)}, got {model_cfg.dtype!r}"
     )
+  remat = model_cfg.get("remat", "full")
+  if remat not in REMAT_MODES:
+    raise UserError(
+      f"config.model.remat: expected one of {list(REMAT_MODES)}, got {remat!r}"
+    )
   return SGRAF(
     vocab_size=vocab_size,
     head=model_cfg.head,
@@ -102,4 +114,5 @@ def build_model(model_cfg, vocab_size: int) -> SGRAF:
     smooth=model_cfg.smooth,
     dtype=DTYPES[model_cfg.dtype],
     cap_chunk=model_cfg.get("cap_chunk", 32),
+    remat=remat,
   )

@@ -1,0 +1,472 @@
+"""Throughput of the train step, the tiled all-pairs scoring and the input pipeline.
+
+Owns the `python -m srem_jax.bench` program and the functions behind it
+(`bench_train_step`, `bench_eval`, `bench_pipeline`, `pair_flops`). Shapes
+default to the paper's (36 x 2048 regions, E 1024, words 300, sim 256,
+vocabulary 8481, captions of 15 tokens). Compilation and one warm-up run are
+timed apart; the reported rate is the median of the timed repetitions. The
+last line printed is one JSON object.
+
+    python -m srem_jax.bench train_step --batch=128 --dtype=bfloat16
+    python -m srem_jax.bench eval --n_img=100 --n_cap=500
+    python -m srem_jax.bench pipeline --batch=128 --steps=20
+
+FLOPs are counted analytically (2 per multiply-add, matmuls only) for the
+formulation the code runs (`pair_flops`); a training step counts 3x its
+forward pass (forward, and backward to activations and weights), not the
+forward a rematerialised chunk repeats.
+"""
+
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import flags
+from jax.sharding import Mesh
+
+from srem_jax import cli, sharding, train
+from srem_jax.errors import UserError
+from srem_jax.models import tiling
+from srem_jax.models.heads import REMAT_MODES
+from srem_jax.models.sgraf import DTYPES, SGRAF, CaptionEmbedding, ImageEmbedding
+
+PAPER_DIMS = dict(
+  img_dim=2048,
+  num_regions=36,
+  embed_dim=1024,
+  word_dim=300,
+  sim_dim=256,
+  vocab_size=8481,
+  sgr_steps=3,
+)
+
+
+# ---- FLOP counts ------------------------------------------------------------
+
+
+def pair_flops(
+  head, *, num_regions, caption_len, embed_dim, sim_dim, sgr_steps, reference=False
+):
+  """Forward FLOPs of one image x caption pair.
+
+  Attention R.L.E and context R.L.E, local nodes L.E.S, global node E.S, then
+  per SGR step K = L + 1 nodes: the reference runs query, key and output
+  layers (3 K.S.S) plus two K.K.S products; the fast path runs one K.S.2S
+  layer (x [W_q W_k^T | W_g]) and two K.K.S products, and its last step only
+  node 0 (4 S.S + 4 K.S). SAF: gate K.S and pooling K.S.
+  """
+  r, length, e, s = num_regions, caption_len, embed_dim, sim_dim
+  k = length + 1
+  macs = 2 * r * length * e + length * e * s + e * s + s
+  if head == "saf":
+    macs += 2 * k * s
+  elif reference:
+    macs += sgr_steps * (3 * k * s * s + 2 * k * k * s)
+  else:
+    macs += (sgr_steps - 1) * (2 * k * s * s + 2 * k * k * s) + 2 * s * s + 2 * k * s
+  return 2.0 * macs
+
+
+def encoder_flops(*, num_regions, caption_len, img_dim, embed_dim, word_dim, **_):
+  """Forward FLOPs of (one image, one caption) through encoders and SA layers."""
+  r, length, e = num_regions, caption_len, embed_dim
+  image = r * img_dim * e + r * e * e + img_dim * e + r * e
+  # Bidirectional GRU: input and recurrent projections of 3 gates, 2 directions.
+  caption = 2 * length * (word_dim + e) * 3 * e + length * e * e + e * e + length * e
+  return 2.0 * image, 2.0 * caption
+
+
+# ---- timing -----------------------------------------------------------------
+
+
+def _median_time(run, repeats: int) -> tuple[float, list[float]]:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _device_kind() -> str:
+  return f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
+
+
+def make_model(head, dtype, dims, **overrides) -> SGRAF:
+  fields = {k: v for k, v in dims.items() if k != "num_regions"}
+  return SGRAF(head=head, dtype=DTYPES[dtype], **fields, **overrides)
+
+
+def _random_batch(rng, batch, caption_len, dims):
+  lengths = rng.integers(caption_len // 2, caption_len + 1, size=batch)
+  lengths[0] = caption_len
+  tokens = rng.integers(4, dims["vocab_size"], size=(batch, caption_len))
+  tokens = np.where(np.arange(caption_len)[None] < lengths[:, None], tokens, 0)
+  images = rng.normal(size=(batch, dims["num_regions"], dims["img_dim"]))
+  return {
+    "images": images.astype(np.float32),
+    "tokens": tokens.astype(np.int32),
+    "lengths": lengths.astype(np.int32),
+    "clean": np.ones(batch, bool),
+  }
+
+
+def bench_train_step(
+  *,
+  head="sgr",
+  batch=128,
+  caption_len=15,
+  dtype="float32",
+  steps=3,
+  dims=None,
+  **model_kw,
+) -> dict:
+  """Times `train.make_train_step` (SREM loss, clipping, Adam) on one device."""
+  from configs import base  # the defaults every run starts from
+
+  dims = dims or PAPER_DIMS
+  config = base.get_config()
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  model = make_model(head, dtype, dims, **model_kw)
+  tx = train.make_optimizer(config.train, steps_per_epoch=1000)
+  state = train.init_state(
+    model,
+    tx,
+    seed=0,
+    num_regions=dims["num_regions"],
+    img_dim=dims["img_dim"],
+    caption_len=caption_len,
+    mesh=mesh,
+  )
+  step = train.make_train_step(
+    model, tx, train.loss_options(config.loss), mesh, warmup=False, external_clean=False
+  )
+  data = sharding.global_batch(
+    _random_batch(np.random.default_rng(0), batch, caption_len, dims), mesh
+  )
+  start = time.perf_counter()
+  compiled = step.lower(state, data).compile()
+  compile_s = time.perf_counter() - start
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], data)
+    jax.block_until_ready(metrics)
+
+  warmup_s, _ = _median_time(run, 1)
+  median_s, times = _median_time(run, steps)
+  pairs = batch * batch
+  image_flops, caption_flops = encoder_flops(caption_len=caption_len, **dims)
+  flops = 3 * (
+    pairs * pair_flops(head, caption_len=caption_len, **_head_dims(dims))
+    + batch * (image_flops + caption_flops)
+  )
+  return {
+    "bench": "train_step",
+    "pairs_per_s": pairs / median_s,
+    "flops_per_s": flops / median_s,
+    "step_s": median_s,
+    "times_s": times,
+    "compile_s": compile_s,
+    "warmup_s": warmup_s,
+    "flops_per_step": flops,
+    "shapes": {"batch": batch, "caption_len": caption_len, **dims},
+    **_common(head, dtype, model),
+  }
+
+
+def _head_dims(dims):
+  keys = ("num_regions", "embed_dim", "sim_dim", "sgr_steps")
+  return {k: dims[k] for k in keys}
+
+
+def _common(head, dtype, model) -> dict:
+  return {
+    "head": head,
+    "dtype": dtype,
+    "cap_chunk": model.cap_chunk,
+    "remat": model.remat,
+    "device_kind": _device_kind(),
+    "jax": jax.__version__,
+    "peak_rss_mb": _peak_rss_mb(),
+  }
+
+
+def _random_embeddings(rng, n_img, n_cap, caption_len, dims):
+  e = dims["embed_dim"]
+
+  def unit(*shape):
+    x = rng.normal(size=shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  lengths = rng.integers(caption_len // 2, caption_len + 1, size=n_cap)
+  mask = np.arange(caption_len)[None] < lengths[:, None]
+  img = ImageEmbedding(unit(n_img, dims["num_regions"], e), unit(n_img, e))
+  cap = CaptionEmbedding(
+    unit(n_cap, caption_len, e) * mask[..., None], unit(n_cap, e), mask
+  )
+  return img, cap
+
+
+class _EnoughTiles(Exception):
+  pass
+
+
+def bench_eval(
+  *,
+  head="sgr",
+  n_img=100,
+  n_cap=500,
+  caption_len=15,
+  dtype="float32",
+  steps=3,
+  dims=None,
+  img_tile=128,
+  cap_tile=256,
+  max_tiles=0,
+  **model_kw,
+) -> dict:
+  """Times `tiling.score_all` over jitted `SGRAF.score` on random embeddings.
+
+  `max_tiles` > 0 stops each pass after that many tiles, so the memory of a
+  large evaluation (all embeddings on the host) can be measured in minutes.
+  """
+  dims = dims or PAPER_DIMS
+  model = make_model(head, dtype, dims, **model_kw)
+  rng = np.random.default_rng(0)
+  small = _random_batch(rng, 2, caption_len, dims)
+  variables = jax.jit(
+    lambda key: model.init(
+      key, small["images"], small["tokens"], small["lengths"], train=False
+    )
+  )(jax.random.PRNGKey(0))
+  img, cap = _random_embeddings(rng, n_img, n_cap, caption_len, dims)
+  score = jax.jit(lambda v, i, c: model.apply(v, i, c, train=False, method=SGRAF.score))
+  img_tile, cap_tile = min(img_tile, n_img), min(cap_tile, n_cap)
+
+  def tile_shape(embedding, rows):
+    return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype), embedding
+    )
+
+  start = time.perf_counter()
+  compiled = score.lower(
+    variables, tile_shape(img, img_tile), tile_shape(cap, cap_tile)
+  ).compile()
+  compile_s = time.perf_counter() - start
+
+  def stop_after(done, total):
+    if max_tiles and done >= max_tiles:
+      raise _EnoughTiles
+
+  def run():
+    try:
+      tiling.score_all(
+        lambda i, c: compiled(variables, i, c),
+        img,
+        cap,
+        img_tile=img_tile,
+        cap_tile=cap_tile,
+        progress=stop_after,
+      )
+    except _EnoughTiles:
+      pass
+
+  warmup_s, _ = _median_time(run, 1)
+  median_s, times = _median_time(run, steps)
+  total_tiles = -(-n_img // img_tile) * -(-n_cap // cap_tile)
+  pairs = n_img * n_cap
+  if max_tiles and max_tiles < total_tiles:
+    pairs = max_tiles * img_tile * cap_tile
+  flops = pairs * pair_flops(head, caption_len=caption_len, **_head_dims(dims))
+  return {
+    "bench": "eval",
+    "pairs_per_s": pairs / median_s,
+    "flops_per_s": flops / median_s,
+    "pass_s": median_s,
+    "times_s": times,
+    "compile_s": compile_s,
+    "warmup_s": warmup_s,
+    "pairs_timed": pairs,
+    "shapes": {
+      "n_img": n_img,
+      "n_cap": n_cap,
+      "img_tile": img_tile,
+      "cap_tile": cap_tile,
+      "caption_len": caption_len,
+      **dims,
+    },
+    **_common(head, dtype, model),
+  }
+
+
+def bench_pipeline(
+  *, batch=128, caption_len=15, steps=20, num_workers=0, num_images=0, dims=None
+) -> dict:
+  """Times `pipeline.train_loader` over a synthetic prepared dataset in a temp dir."""
+  from srem_jax.data import pipeline, prepare, synthetic
+
+  dims = dims or PAPER_DIMS
+  num_images = num_images or 2 * batch
+  with tempfile.TemporaryDirectory() as root:
+    start = time.perf_counter()
+    synthetic.generate(
+      root,
+      name="bench_precomp",
+      num_train=num_images,
+      num_dev=1,
+      num_test=1,
+      num_regions=dims["num_regions"],
+      feature_dim=dims["img_dim"],
+    )
+    prepared = prepare.prepare(
+      root,
+      "bench_precomp",
+      "",
+      os.path.join(root, "prep"),
+      ["train"],
+      log=lambda _: None,
+    )
+    prepare_s = time.perf_counter() - start
+    split = pipeline.load_prepared(prepared, "bench_precomp", "train")
+    loader = pipeline.train_loader(
+      split,
+      split.cap_to_img,
+      None,
+      global_batch_size=batch,
+      caption_len=caption_len,
+      seed=0,
+      num_workers=num_workers,
+    )
+    try:
+      batches = iter(loader)
+      start = time.perf_counter()
+      next(batches)
+      first_s = time.perf_counter() - start
+      median_s, times = _median_time(lambda: next(batches), steps)
+    finally:
+      loader.close()
+  return {
+    "bench": "pipeline",
+    "batches_per_s": 1 / median_s,
+    "bytes_per_s": batch * dims["num_regions"] * dims["img_dim"] * 4 / median_s,
+    "batch_s": median_s,
+    "mean_batch_s": statistics.fmean(times),
+    "first_batch_s": first_s,
+    "prepare_s": prepare_s,
+    "shapes": {
+      "batch": batch,
+      "caption_len": caption_len,
+      "num_images": num_images,
+      "num_regions": dims["num_regions"],
+      "img_dim": dims["img_dim"],
+    },
+    "num_workers": num_workers,
+    "device_kind": _device_kind(),
+    "peak_rss_mb": _peak_rss_mb(),
+  }
+
+
+# ---- command line -----------------------------------------------------------
+
+TINY_DIMS = dict(
+  img_dim=16,
+  num_regions=4,
+  embed_dim=16,
+  word_dim=8,
+  sim_dim=8,
+  vocab_size=40,
+  sgr_steps=3,
+)
+MODES = ("train_step", "eval", "pipeline")
+
+
+def _define_flags() -> dict:
+  """Flags exist only when this module is the program."""
+  return dict(
+    head=flags.DEFINE_enum("head", "sgr", ["sgr", "saf"], "Similarity head."),
+    batch=flags.DEFINE_integer("batch", 128, "train_step/pipeline: global batch."),
+    n_img=flags.DEFINE_integer("n_img", 100, "eval: images."),
+    n_cap=flags.DEFINE_integer("n_cap", 500, "eval: captions."),
+    img_tile=flags.DEFINE_integer("img_tile", 128, "eval: images per tile."),
+    cap_tile=flags.DEFINE_integer("cap_tile", 256, "eval: captions per tile."),
+    max_tiles=flags.DEFINE_integer(
+      "max_tiles", 0, "eval: stop each pass after N tiles (0 = all)."
+    ),
+    caption_len=flags.DEFINE_integer("caption_len", 15, "Padded caption length L."),
+    dtype=flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Matmul dtype."),
+    steps=flags.DEFINE_integer("steps", 3, "Timed repetitions (median reported)."),
+    cap_chunk=flags.DEFINE_integer(
+      "cap_chunk", 0, "Captions per scan step (0 = model default)."
+    ),
+    remat=flags.DEFINE_enum(
+      "remat", None, list(REMAT_MODES), "Rematerialisation (default: model's)."
+    ),
+    num_workers=flags.DEFINE_integer("num_workers", 0, "pipeline: grain workers."),
+    tiny=flags.DEFINE_bool("tiny", False, "Tiny dims instead of the paper's."),
+  )
+
+
+def main(argv, flag_values) -> None:
+  values = {name: flag.value for name, flag in flag_values.items()}
+  if len(argv) != 2 or argv[1] not in MODES:
+    raise UserError(f"expected one mode argument out of {', '.join(MODES)}")
+  mode = argv[1]
+  for name in (
+    "batch",
+    "n_img",
+    "n_cap",
+    "steps",
+    "caption_len",
+    "img_tile",
+    "cap_tile",
+  ):
+    if values[name] < 1:
+      raise UserError(f"--{name}: expected a positive integer, got {values[name]}")
+  dims = TINY_DIMS if values["tiny"] else PAPER_DIMS
+  model_kw = {}
+  if values["cap_chunk"]:
+    model_kw["cap_chunk"] = values["cap_chunk"]
+  if values["remat"]:
+    model_kw["remat"] = values["remat"]
+  common = dict(caption_len=values["caption_len"], steps=values["steps"], dims=dims)
+  if mode == "train_step":
+    result = bench_train_step(
+      head=values["head"],
+      batch=values["batch"],
+      dtype=values["dtype"],
+      **common,
+      **model_kw,
+    )
+  elif mode == "eval":
+    result = bench_eval(
+      head=values["head"],
+      n_img=values["n_img"],
+      n_cap=values["n_cap"],
+      dtype=values["dtype"],
+      img_tile=values["img_tile"],
+      cap_tile=values["cap_tile"],
+      max_tiles=values["max_tiles"],
+      **common,
+      **model_kw,
+    )
+  else:
+    result = bench_pipeline(
+      batch=values["batch"], num_workers=values["num_workers"], **common
+    )
+  result["load_average"] = os.getloadavg()
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  _flag_values = _define_flags()
+  cli.run(lambda argv: main(argv, _flag_values))
