@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from srem_jax.models.heads import masked_softmax
+from srem_jax.models.heads import GraphReasoning, masked_softmax
 from srem_jax.models.sgraf import SGRAF, CaptionEmbedding, ImageEmbedding
 
 NUM_IMG, MAX_LEN = 3, 7
@@ -116,3 +116,38 @@ def test_masked_softmax_gives_masked_entries_zero_and_survives_empty_rows():
   e = np.exp([1.0, 2.0])
   np.testing.assert_allclose(probs[0], [e[0] / e.sum(), e[1] / e.sum(), 0.0], rtol=1e-6)
   np.testing.assert_array_equal(probs[1], 0.0)
+
+
+def _reference_sgr_step(nodes, node_mask, params):
+  """The reference's SGR step in float64: separate query, key and output layers."""
+  p = {
+    k: {n: np.asarray(v, np.float64) for n, v in w.items()} for k, w in params.items()
+  }
+  x = np.asarray(nodes, np.float64)
+  query = x @ p["graph_query_w"]["kernel"] + p["graph_query_w"]["bias"]
+  key = x @ p["graph_key_w"]["kernel"] + p["graph_key_w"]["bias"]
+  logits = np.einsum("ncis,ncjs->ncij", query, key)
+  logits = np.where(node_mask[None, :, None, :], logits, -np.inf)
+  edges = np.exp(logits - logits.max(-1, keepdims=True))
+  edges /= edges.sum(-1, keepdims=True)
+  out = np.einsum("ncij,ncjs->ncis", edges, x) @ p["sim_graph_w"]["kernel"]
+  return np.maximum(out + p["sim_graph_w"]["bias"], 0.0)
+
+
+@pytest.mark.parametrize("only_first", [False, True])
+def test_folded_sgr_step_equals_separate_query_key_and_output_layers(only_first):
+  rng = np.random.default_rng(4)
+  num_img, num_cap, nodes_per_pair, sim = 2, 3, 6, 8
+  nodes = rng.normal(size=(num_img, num_cap, nodes_per_pair, sim)).astype(np.float32)
+  node_mask = np.arange(nodes_per_pair)[None] < np.array([[6], [2], [4]])
+  step = GraphReasoning(sim, only_first=only_first)
+  params = step.init(jax.random.PRNGKey(0), nodes, node_mask)["params"]
+  # Non-zero biases, so the bias terms the folding relies on are exercised.
+  params = jax.tree.map(
+    lambda x: x + rng.normal(scale=0.3, size=x.shape).astype(np.float32), params
+  )
+  got = jax.jit(step.apply)({"params": params}, nodes, node_mask)
+  want = _reference_sgr_step(nodes, node_mask, params)
+  if only_first:
+    want = want[:, :, 0]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
