@@ -205,15 +205,17 @@ def _random_embeddings(rng, n_img, n_cap, caption_len, dims):
   e = dims["embed_dim"]
 
   def unit(*shape):
-    x = rng.normal(size=shape).astype(np.float32)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+    # float32 straight away: a COCO-sized float64 draw would double the peak.
+    x = rng.standard_normal(size=shape, dtype=np.float32)
+    x /= np.sqrt(np.einsum("...e,...e->...", x, x))[..., None]  # no full temporaries
+    return x
 
   lengths = rng.integers(caption_len // 2, caption_len + 1, size=n_cap)
   mask = np.arange(caption_len)[None] < lengths[:, None]
   img = ImageEmbedding(unit(n_img, dims["num_regions"], e), unit(n_img, e))
-  cap = CaptionEmbedding(
-    unit(n_cap, caption_len, e) * mask[..., None], unit(n_cap, e), mask
-  )
+  words = unit(n_cap, caption_len, e)
+  words *= mask[..., None]  # in place: no second copy of a COCO-sized array
+  cap = CaptionEmbedding(words, unit(n_cap, e), mask)
   return img, cap
 
 

@@ -7,10 +7,11 @@ equals the reference's unpadded computation (SPEC §2). Names follow the
 PyTorch modules (`v_global_w.embedding_local`, `sim_tranloc_w`,
 `SGR_module_<i>.graph_query_w`, `SAF_module.attn_sim_w`, ...).
 
-The block is processed in chunks of `cap_chunk` captions under `nn.scan`
-with rematerialisation: the (images, captions, words, E) context tensor, the
-largest intermediate, only ever exists for one chunk, in the forward and the
-backward pass.
+The block is processed in chunks of `cap_chunk` captions under `nn.scan`:
+the (images, captions, words, E) context tensor, the largest intermediate,
+only ever exists for one chunk, and a small chunk keeps it in cache. `remat`
+chooses what a chunk keeps for the backward pass (`REMAT_POLICIES`); the
+default keeps the dense layers' outputs and recomputes the context.
 
 Train-mode BatchNorm versus the reference's loop over captions:
 - VisualSA's two BatchNorms see the same images as the reference (all images
@@ -280,9 +281,9 @@ class SimilarityHead(nn.Module):
   sim_dim: int
   sgr_steps: int
   smooth: float
-  cap_chunk: int = 32
+  cap_chunk: int = 4
   dtype: Any = jnp.float32
-  remat: str = "full"
+  remat: str = "dots"
 
   @nn.compact
   def __call__(self, local, img_glob, words, cap_glob, mask, *, train: bool):

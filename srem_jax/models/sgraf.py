@@ -49,8 +49,8 @@ class SGRAF(nn.Module):
   dropout: float = 0.4
   smooth: float = 9.0
   dtype: Any = jnp.float32
-  cap_chunk: int = 32  # captions per scan step inside a scoring block
-  remat: str = "full"  # what a chunk keeps for backward: none | full | dots
+  cap_chunk: int = 4  # captions per scan step inside a scoring block
+  remat: str = "dots"  # what a chunk keeps for backward: none | full | dots
 
   def setup(self):
     self.img_enc = ImageEncoder(self.embed_dim, self.dtype)
@@ -97,7 +97,7 @@ def build_model(model_cfg, vocab_size: int) -> SGRAF:
     raise UserError(
       f"config.model.dtype: expected one of {sorted(DTYPES)}, got {model_cfg.dtype!r}"
     )
-  remat = model_cfg.get("remat", "full")
+  remat = model_cfg.get("remat", "dots")
   if remat not in REMAT_MODES:
     raise UserError(
       f"config.model.remat: expected one of {list(REMAT_MODES)}, got {remat!r}"
@@ -113,6 +113,6 @@ def build_model(model_cfg, vocab_size: int) -> SGRAF:
     dropout=model_cfg.dropout,
     smooth=model_cfg.smooth,
     dtype=DTYPES[model_cfg.dtype],
-    cap_chunk=model_cfg.get("cap_chunk", 32),
+    cap_chunk=model_cfg.get("cap_chunk", 4),
     remat=remat,
   )
