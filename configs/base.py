@@ -26,12 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.test_split = "test"  # split tested at the end (COCO: testall)
   c.data.eval_protocol = "full"  # full | coco (5 folds of 1K and the whole 5K)
   c.data.caption_len = 0  # static padded caption length; 0 = longest in the data
-  c.data.num_workers = (
-    0  # grain worker processes for the training pipeline (0 = main process)
-  )
-  c.data.features_on_device = (
-    False  # keep train image features on the devices, gather by index
-  )
+  c.data.num_workers = 0  # grain worker processes for training (0 = in process)
   # The embedded synthetic dataset (SPEC §7), generated into raw_dir when enabled.
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.enabled = False  # generate the dataset if raw_dir/<name> is missing
@@ -60,9 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.sgr_steps = 3  # graph reasoning steps (SGR)
   c.model.dropout = 0.4  # dropout rate in the text encoder and VisualSA/TextSA
   c.model.smooth = 9.0  # inverse temperature of the region attention softmax
-  c.model.dtype = (
-    "float32"  # matmul dtype: float32 | bfloat16 (accumulation stays float32)
-  )
+  c.model.cap_chunk = 4  # captions per scan step of the all-pairs head (bounds memory)
+  c.model.remat = "dots"  # what a caption chunk keeps for backward: none | full | dots
+  c.model.dtype = "float32"  # matmul dtype: float32 | bfloat16 (accumulation float32)
 
   # ---- objective (SPEC §3) -------------------------------------------------
   c.loss = ml_collections.ConfigDict()

@@ -16,6 +16,7 @@ _CHOICES = {
   "noise.protocol": ("caption", "image"),
   "model.head": ("sgr", "saf"),
   "model.dtype": ("float32", "bfloat16"),
+  "model.remat": ("none", "full", "dots"),
 }
 # key -> (lowest, highest, lowest allowed, highest allowed)
 _RANGES = {
@@ -25,6 +26,7 @@ _RANGES = {
   "model.word_dim": (1, math.inf, True, True),
   "model.sim_dim": (1, math.inf, True, True),
   "model.sgr_steps": (1, math.inf, True, True),
+  "model.cap_chunk": (1, math.inf, True, True),
   "model.dropout": (0.0, 1.0, True, False),
   "model.smooth": (0.0, math.inf, False, True),
   "train.epochs": (1, math.inf, True, True),
