@@ -92,8 +92,15 @@ def similarity_matrix(model, variables, split, config, mesh, caption_len, num_im
     in_shardings=(full, rows, full),
     out_shardings=full,
   )
+
+  def place(tree, where):
+    # Global arrays built from host tiles work on one process and on many.
+    return jax.tree.map(
+      lambda x: jax.make_array_from_callback(x.shape, where, lambda idx: x[idx]), tree
+    )
+
   sims = tiling.score_all(
-    lambda i, c: score(variables, i, c),
+    lambda i, c: score(variables, place(i, rows), place(c, full)),
     img,
     cap,
     img_tile=img_tile,

@@ -11,10 +11,11 @@ import os
 
 from absl import flags
 
-from srem_jax import cli
+from srem_jax import cli, distributed
 from srem_jax.errors import UserError
 
 _CONFIG = cli.define_config_flag()
+_DISTRIBUTED = distributed.define_flags()
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Run folder (default workdirs/<config name>); rerun to resume."
 )
@@ -26,6 +27,7 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise UserError("--config is required, e.g. --config=configs/demo.py")
+  distributed.initialize(*[flag.value for flag in _DISTRIBUTED])
   from srem_jax import train  # after flag parsing: jax starts here
 
   workdir = _WORKDIR.value or os.path.join("workdirs", config.name)

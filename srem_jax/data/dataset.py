@@ -13,6 +13,9 @@ import dataclasses
 import os
 from typing import Callable
 
+import jax
+from jax.experimental import multihost_utils
+
 from srem_jax.data import layout, noise, pipeline, prepare, synthetic
 from srem_jax.errors import UserError
 
@@ -81,9 +84,25 @@ def ensure_prepared(data_cfg, log: Callable[[str], None]) -> str:
   return prepared_dir
 
 
+def _on_process_zero_first(fn):
+  """Runs `fn` on process 0, then on the others once it has finished.
+
+  Generating, preparing and writing the noise file touch shared storage; the
+  other processes then only find and read what process 0 wrote.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  if jax.process_index() == 0:
+    result = fn()
+  multihost_utils.sync_global_devices("srem_jax data ready")
+  if jax.process_index() != 0:
+    result = fn()
+  return result
+
+
 def open_data(config, workdir: str, log: Callable[[str], None] = print) -> RunData:
   data_cfg = config.data
-  prepared_dir = ensure_prepared(data_cfg, log)
+  prepared_dir = _on_process_zero_first(lambda: ensure_prepared(data_cfg, log))
   train = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.train_split)
   val = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.val_split)
   test = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.test_split)
@@ -105,15 +124,17 @@ def open_data(config, workdir: str, log: Callable[[str], None] = print) -> RunDa
       f"config data.val_images={n_val} but split {data_cfg.val_split!r} has "
       f"only {val.n_images} images"
     )
-  run_noise = noise.resolve_noise(
-    ratio=config.noise.ratio,
-    protocol=config.noise.protocol,
-    seed=config.noise.seed,
-    file=config.noise.file,
-    n_caps=train.n_captions,
-    n_imgs=train.n_images,
-    caps_per_image=train.caps_per_image,
-    workdir=workdir,
+  run_noise = _on_process_zero_first(
+    lambda: noise.resolve_noise(
+      ratio=config.noise.ratio,
+      protocol=config.noise.protocol,
+      seed=config.noise.seed,
+      file=config.noise.file,
+      n_caps=train.n_captions,
+      n_imgs=train.n_images,
+      caps_per_image=train.caps_per_image,
+      workdir=workdir,
+    )
   )
   return RunData(
     train=train,

@@ -161,9 +161,13 @@ def resolve_noise(
   native = _native_noise(protocol, ratio, seed, n_caps, n_imgs, caps_per_image)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, f"noise_{protocol}_r{ratio:g}_s{seed}.npy")
+  # Written aside and linked into place: a run killed mid-write leaves no
+  # half-written file, and an existing file is never replaced.
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    np.save(f, native)
   try:
-    with open(path, "xb") as f:
-      np.save(f, native)
+    os.link(tmp, path)
   except FileExistsError:
     try:
       existing = np.load(path, allow_pickle=False)
@@ -174,5 +178,7 @@ def resolve_noise(
         f"{path}: exists but differs from the {protocol}-level noise for ratio "
         f"{ratio:g} and seed {seed}; move it away or pass it as noise.file"
       )
+  finally:
+    os.remove(tmp)
   t2i = native if protocol == "caption" else np.repeat(native, caps_per_image)
   return _make_noise(t2i, caps_per_image, protocol, path)
