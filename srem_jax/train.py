@@ -7,6 +7,7 @@ best, resume from the workdir, stop cleanly on SIGTERM) → final test.
     train.train_and_evaluate(config, workdir="workdirs/demo")
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -25,7 +26,7 @@ from srem_jax import checkpoint, config_checks, evaluate, gmm, losses, sharding
 from srem_jax.data import dataset, pipeline
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import SGRAF, build_model
-from srem_jax.reporting import Progress, Reporter, format_duration, recall_table
+from srem_jax.reporting import Progress, Reporter, recall_table
 
 # ---- state and optimizer ----------------------------------------------------
 
@@ -217,6 +218,9 @@ def epoch_summary(sums: dict) -> dict:
 # ---- the loop ---------------------------------------------------------------
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class _StopFlag:
   """Set by SIGTERM/SIGINT; the loop saves and exits after the current step."""
 
@@ -224,8 +228,11 @@ class _StopFlag:
     self.signal_name = None
 
   def install(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
+    self.previous = {s: signal.signal(s, self._handle) for s in _STOP_SIGNALS}
+
+  def restore(self):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
 
   def _handle(self, signum, frame):
     self.signal_name = signal.Signals(signum).name
@@ -260,8 +267,27 @@ def _gmm_selection(config, model, state, data, mesh) -> np.ndarray:
   )
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains per `config` in `workdir` (resuming if it holds a checkpoint)."""
+@dataclasses.dataclass
+class _Run:
+  """Everything the loop needs, opened once at start-up."""
+
+  config: Any
+  workdir: str
+  mesh: Any
+  report: Reporter
+  data: dataset.RunData
+  loader: Any
+  model: SGRAF
+  tx: optax.GradientTransformation
+  ckpt: checkpoint.Checkpointer
+  steps_per_epoch: int
+
+  @property
+  def total_steps(self) -> int:
+    return self.config.train.epochs * self.steps_per_epoch
+
+
+def _open_run(config, workdir: str) -> _Run:
   config_checks.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh.data)
   report = Reporter(workdir)
@@ -281,71 +307,83 @@ def train_and_evaluate(config, workdir: str) -> dict:
     num_workers=config.data.num_workers,
     max_steps_per_epoch=tcfg.steps_per_epoch,
   )
-  steps_per_epoch = loader.steps_per_epoch
-  if steps_per_epoch < 1:
+  if loader.steps_per_epoch < 1:
     raise UserError(
       f"config train.batch_size={tcfg.batch_size} exceeds the "
       f"{data.train.n_captions} training captions"
     )
-  total_steps = tcfg.epochs * steps_per_epoch
-  model = build_model(config.model, data.vocab_size)
-  tx = make_optimizer(tcfg, steps_per_epoch)
+  return _Run(
+    config=config,
+    workdir=workdir,
+    mesh=mesh,
+    report=report,
+    data=data,
+    loader=loader,
+    model=build_model(config.model, data.vocab_size),
+    tx=make_optimizer(tcfg, loader.steps_per_epoch),
+    ckpt=checkpoint.Checkpointer(workdir),
+    steps_per_epoch=loader.steps_per_epoch,
+  )
+
+
+def _initial_state(run: _Run):
+  """Fresh state, or the latest checkpoint's (state, selection, record)."""
+  data = run.data
   state = init_state(
-    model,
-    tx,
-    seed=tcfg.seed,
+    run.model,
+    run.tx,
+    seed=run.config.train.seed,
     num_regions=data.train.num_regions,
     img_dim=data.train.feature_dim,
     caption_len=data.caption_len,
-    mesh=mesh,
+    mesh=run.mesh,
   )
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  report.log(
-    f"model {config.model.head.upper()}: {n_params / 1e6:.2f}M parameters; "
-    f"{data.train.n_captions} training captions, {steps_per_epoch} steps/epoch"
+  run.report.log(
+    f"model {run.config.model.head.upper()}: {n_params / 1e6:.2f}M parameters; "
+    f"{data.train.n_captions} training captions, {run.steps_per_epoch} steps/epoch"
   )
   selection = np.ones((data.train.n_captions,), bool)
-  ckpt = checkpoint.Checkpointer(workdir)
   record = {"epoch": 0, "best_rsum": -1.0, "best_epoch": -1}
-  restored = ckpt.restore_latest(state, selection)
+  restored = run.ckpt.restore_latest(state, selection)
   if restored is not None:
-    state = jax.device_put(restored.state, sharding.replicated(mesh))
+    state = jax.device_put(restored.state, sharding.replicated(run.mesh))
     selection = np.asarray(restored.selection)
-    loader.set_state(restored.data_state)
+    run.loader.set_state(restored.data_state)
     record = dict(restored.record)
-    report.log(f"resumed at step {int(state.step)} (epoch {record['epoch']})")
+    run.report.log(f"resumed at step {int(state.step)} (epoch {record['epoch']})")
+  return state, selection, record
 
+
+def _train(run: _Run, state, selection, record, stop: _StopFlag):
+  """Epochs until the end (or a stop signal); returns the final state."""
+  config, report, ckpt, spe = run.config, run.report, run.ckpt, run.steps_per_epoch
+  tcfg = config.train
   loss_kw = loss_options(config.loss)
   use_gmm = config.loss.selection == "epoch_gmm" and config.loss.name == "srem"
-  steps = {}
-
-  def step_fn(warmup):
-    key = (warmup, use_gmm and not warmup)
-    if key not in steps:
-      steps[key] = make_train_step(
-        model, tx, loss_kw, mesh, warmup=warmup, external_clean=key[1]
-      )
-    return steps[key]
-
-  stop = _StopFlag()
-  stop.install()
-  progress = Progress(total_steps, int(state.step))
-  iterator = iter(loader)
+  compiled = {}
+  progress = Progress(run.total_steps, int(state.step))
+  iterator = iter(run.loader)
   step = int(state.step)
-  while step < total_steps:
-    epoch = step // steps_per_epoch
+  while step < run.total_steps:
+    epoch = step // spe
     warmup = config.loss.name == "srem" and epoch < tcfg.warmup_epochs
-    fn = step_fn(warmup)
+    external = use_gmm and not warmup
+    if (warmup, external) not in compiled:
+      compiled[warmup, external] = make_train_step(
+        run.model, run.tx, loss_kw, run.mesh, warmup=warmup, external_clean=external
+      )
+    step_fn = compiled[warmup, external]
     sums = None
-    while step < (epoch + 1) * steps_per_epoch:
+    while step < (epoch + 1) * spe:
       batch = next(iterator)
-      if use_gmm and not warmup:
+      if external:
         batch["selected"] = selection[batch["cap_index"]]
-      state, metrics = fn(state, sharding.global_batch(batch, mesh))
+      state, metrics = step_fn(state, sharding.global_batch(batch, run.mesh))
       step += 1
       metrics["steps"] = 1.0
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-      if step % tcfg.log_every_steps == 0 or step % steps_per_epoch == 0:
+      if step % tcfg.log_every_steps == 0 or step % spe == 0:
         summary = epoch_summary(sums)
         _check_finite(summary, step, ckpt.latest_dir)
         report.log(
@@ -355,22 +393,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f"prec {summary['selection_precision']:.3f} "
           f"rec {summary['selection_recall']:.3f}"
         )
-      if stop.signal_name or (
-        tcfg.checkpoint_every_steps and step % tcfg.checkpoint_every_steps == 0
-      ):
-        ckpt.save_latest(step, state, loader.get_state(), selection, record)
-        if stop.signal_name:
-          ckpt.close()
-          loader.close()
-          report.log(
-            f"{stop.signal_name}: saved step {step} in {ckpt.latest_dir}; "
-            "rerun the same command to resume"
-          )
-          raise SystemExit(0)
+      every = tcfg.checkpoint_every_steps
+      if stop.signal_name or (every and step % every == 0 and step % spe):
+        ckpt.save_latest(step, state, run.loader.get_state(), selection, record)
+      if stop.signal_name:
+        return state
     summary = epoch_summary(sums)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     val = evaluate.evaluate_split(
-      model, variables, data.val, config, mesh, data.caption_len, data.val_images
+      run.model,
+      variables,
+      run.data.val,
+      config,
+      run.mesh,
+      run.data.caption_len,
+      run.data.val_images,
     )
     report.write(
       {"step": step, "epoch": epoch + 1, "split": "train", "warmup": warmup, **summary}
@@ -386,22 +423,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
       f"{' (best)' if improved else ''}, selection precision "
       f"{summary['selection_precision']:.3f} recall {summary['selection_recall']:.3f}"
     )
-    if use_gmm and epoch + 1 >= tcfg.warmup_epochs and step < total_steps:
-      selection = _gmm_selection(config, model, state, data, mesh)
-    ckpt.save_latest(step, state, loader.get_state(), selection, record)
+    if use_gmm and epoch + 1 >= tcfg.warmup_epochs and step < run.total_steps:
+      selection = _gmm_selection(config, run.model, state, run.data, run.mesh)
+    ckpt.save_latest(step, state, run.loader.get_state(), selection, record)
+  return state
 
-  loader.close()
-  ckpt.wait()
-  best = ckpt.restore_best(state)
-  final_state = best.state if best is not None else state
-  ckpt.close()
-  variables = {"params": final_state.params, "batch_stats": final_state.batch_stats}
+
+def _final_test(run: _Run, state, record) -> dict:
+  """Tests the best checkpoint with the dataset's protocol; writes results."""
+  config, data = run.config, run.data
+  best = run.ckpt.restore_best(state)
+  final = best.state if best is not None else state
+  variables = {"params": final.params, "batch_stats": final.batch_stats}
   test = evaluate.evaluate_split(
-    model,
+    run.model,
     variables,
     data.test,
     config,
-    mesh,
+    run.mesh,
     data.caption_len,
     data.test.n_images,
     protocol=config.data.eval_protocol,
@@ -418,12 +457,39 @@ def train_and_evaluate(config, workdir: str) -> dict:
     },
     "config": config.to_dict(),
   }
-  report.write({"step": step, "epoch": record["epoch"], "split": "test", **test})
-  path = report.write_json("results.json", results)
-  rows = test if "rsum" not in test else {"test": test}
-  report.log("\n" + recall_table({k: v for k, v in rows.items()}))
-  report.log(
+  step = int(state.step)
+  run.report.write({"step": step, "epoch": record["epoch"], "split": "test", **test})
+  path = run.report.write_json("results.json", results)
+  rows = test if config.data.eval_protocol == "coco" else {"test": test}
+  run.report.log("\n" + recall_table(rows))
+  run.report.log(
     f"best epoch {record['best_epoch']} (val rSum {record['best_rsum']:.1f}); "
-    f"results in {path}; took {format_duration(progress.elapsed())}"
+    f"results in {path}"
   )
   return results
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains per `config` in `workdir` (resuming if it holds a checkpoint).
+
+  On SIGTERM/SIGINT the current step finishes, a checkpoint is saved and
+  SystemExit(0) is raised; rerunning the same command resumes.
+  """
+  run = _open_run(config, workdir)
+  stop = _StopFlag()
+  stop.install()
+  try:
+    state, selection, record = _initial_state(run)
+    state = _train(run, state, selection, record, stop)
+    run.ckpt.wait()
+    if stop.signal_name:
+      run.report.log(
+        f"{stop.signal_name}: saved step {int(state.step)} in "
+        f"{run.ckpt.latest_dir}; rerun the same command to resume"
+      )
+      raise SystemExit(0)
+    return _final_test(run, state, record)
+  finally:
+    stop.restore()
+    run.loader.close()
+    run.ckpt.close()

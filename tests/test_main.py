@@ -1,0 +1,157 @@
+"""The whole main job on a tiny synthetic dataset: outputs, resume, preemption."""
+
+import json
+import os
+import signal
+import sys
+
+import chex
+import jax.numpy as jnp
+import pytest
+
+from srem_jax import checkpoint, train
+from srem_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import demo  # noqa: E402
+
+
+def tiny_config(data_dir, **train_overrides):
+  c = demo.get_config()
+  c.data.raw_dir = str(data_dir)
+  syn = c.data.synthetic
+  syn.num_train, syn.num_dev, syn.num_test = 24, 10, 10
+  syn.num_regions, syn.feature_dim, syn.num_concepts = 4, 16, 12
+  c.model.img_dim, c.model.embed_dim, c.model.word_dim, c.model.sim_dim = 16, 16, 8, 8
+  c.mesh.data = 1  # 8-device equivalence is tested in test_train; compile less here
+  c.train.batch_size = 16
+  c.train.epochs = 2
+  c.train.warmup_epochs = 1
+  c.train.lr_decay_epochs = 1
+  c.train.log_every_steps = 2
+  c.eval.batch_size = 16
+  c.eval.img_tile = 8
+  c.eval.cap_tile = 16
+  for key, value in train_overrides.items():
+    c.train[key] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  results = train.train_and_evaluate(tiny_config(data_dir), str(workdir))
+  return workdir, results
+
+
+def latest_params(workdir):
+  variables, _ = checkpoint.load_variables(os.path.join(workdir, "checkpoints"))
+  return variables
+
+
+def test_outputs_of_a_run(full_run):
+  workdir, results = full_run
+  assert (workdir / "results.json").is_file()
+  saved = json.loads((workdir / "results.json").read_text())
+  test = saved["test"]
+  for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"):
+    assert 0 <= test[key] <= (600 if key == "rsum" else 100)
+  assert test["rsum"] == pytest.approx(sum(test[k] for k in test if "_r" in k[3:]))
+  assert saved["noise"]["protocol"] == "caption"
+  assert saved["noise"]["clean_fraction"] < 1.0
+  assert os.path.isfile(saved["noise"]["file"])
+  assert saved["config"]["loss"]["name"] == "srem"
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+  splits = [r["split"] for r in records]
+  assert splits == ["train", "val", "train", "val", "test"]
+  train_record = records[2]
+  for key in (
+    "step",
+    "epoch",
+    "loss",
+    "loss_clean",
+    "loss_cmbcl",
+    "selected_frac",
+    "selection_precision",
+    "selection_recall",
+    "energy_clean",
+    "energy_noisy",
+    "entropy_clean",
+    "entropy_noisy",
+  ):
+    assert key in train_record, key
+  assert records[0]["warmup"] and not records[2]["warmup"]
+  # Warm-up trains on every pair, so "selected" is everything and its
+  # precision is the clean fraction of the data.
+  assert records[0]["selected_frac"] == 1.0
+  assert records[0]["selection_recall"] == 1.0
+  assert (workdir / "best").is_dir() and (workdir / "checkpoints").is_dir()
+
+
+def test_rerun_of_a_finished_run_changes_nothing(full_run, data_dir):
+  workdir, results = full_run
+  before = latest_params(workdir)
+  again = train.train_and_evaluate(tiny_config(data_dir), str(workdir))
+  assert again["test"] == results["test"]
+  chex.assert_trees_all_equal(latest_params(workdir), before)
+
+
+def test_resume_after_an_epoch_equals_uninterrupted(full_run, data_dir, tmp_path):
+  workdir, results = full_run
+  train.train_and_evaluate(tiny_config(data_dir, epochs=1), str(tmp_path))
+  resumed = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+  chex.assert_trees_all_equal(latest_params(tmp_path), latest_params(workdir))
+  assert resumed["test"] == results["test"]
+
+
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(
+  full_run, data_dir, tmp_path, monkeypatch
+):
+  workdir, results = full_run
+  real_make = train.make_train_step
+  calls = {"n": 0}
+
+  def make_with_signal(*args, **kwargs):
+    step = real_make(*args, **kwargs)
+
+    def stepped(state, batch):
+      calls["n"] += 1
+      if calls["n"] == 3:  # inside the first epoch (7 steps each)
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step(state, batch)
+
+    return stepped
+
+  monkeypatch.setattr(train, "make_train_step", make_with_signal)
+  with pytest.raises(SystemExit) as exit_info:
+    train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+  assert exit_info.value.code == 0
+  interrupted = checkpoint.Checkpointer(str(tmp_path))
+  assert interrupted.latest.latest_step() == 3
+  interrupted.close()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  monkeypatch.setattr(train, "make_train_step", real_make)
+  resumed = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+  chex.assert_trees_all_equal(latest_params(tmp_path), latest_params(workdir))
+  assert resumed["test"] == results["test"]
+
+
+def test_non_finite_loss_stops_with_a_clear_message(
+  full_run, data_dir, tmp_path, monkeypatch
+):
+  real_objective = train.losses.objective
+
+  def exploding(scores, **kwargs):
+    loss, aux = real_objective(scores, **kwargs)
+    aux = dict(aux, loss=aux["loss"] * jnp.nan, loss_cmbcl=aux["loss_cmbcl"] * jnp.nan)
+    return loss * jnp.nan, aux
+
+  monkeypatch.setattr(train.losses, "objective", exploding)
+  with pytest.raises(UserError, match=r"non-finite loss by step 2 \(loss=nan"):
+    train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
