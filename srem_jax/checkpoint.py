@@ -10,6 +10,8 @@ the next run resumes from the previous complete checkpoint.
     ckpt = Checkpointer(workdir)
     ckpt.save_latest(step, state, loader.get_state(), selection, record)
     restored = ckpt.restore_latest(abstract_state, abstract_selection)
+
+The workdir may be a local folder or a URL (`gs://...`) that all processes share.
 """
 
 import os
@@ -19,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from srem_jax import paths
 from srem_jax.errors import UserError
 
 
@@ -33,7 +36,7 @@ def _manager(directory: str) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
     max_to_keep=1, create=True, cleanup_tmp_directories=True
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(paths.as_path(directory), options=options)
 
 
 class Checkpointer:
@@ -102,6 +105,10 @@ class Checkpointer:
     self.best.close()
 
 
+def _is_step_folder(directory) -> bool:
+  return (directory / "state").is_dir() and directory.name.isdigit()
+
+
 def load_variables(path: str) -> tuple[dict, dict]:
   """Model variables and record from a workdir or a checkpoint folder.
 
@@ -109,18 +116,15 @@ def load_variables(path: str) -> tuple[dict, dict]:
   a `best/` or `checkpoints/` manager folder, or one step folder inside it.
   Returns ({"params": ..., "batch_stats": ...} as NumPy trees, record).
   """
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
-    raise UserError(f"checkpoint {path} does not exist")
-  candidates = [os.path.join(path, "best"), os.path.join(path, "checkpoints"), path]
-  for directory in candidates:
-    if not os.path.isdir(directory):
+  root = paths.as_path(path)
+  if not root.exists():
+    raise UserError(f"checkpoint {root} does not exist")
+  for directory in (root / "best", root / "checkpoints", root):
+    if not directory.is_dir():
       continue
-    if os.path.isdir(os.path.join(directory, "state")):  # a step folder
-      step_dir, directory = directory, os.path.dirname(directory)
-      step = int(os.path.basename(step_dir))
-    else:
-      step = None
+    step = None
+    if _is_step_folder(directory):
+      directory, step = directory.parent, int(directory.name)
     try:
       manager = ocp.CheckpointManager(directory)
     except Exception:
@@ -128,16 +132,63 @@ def load_variables(path: str) -> tuple[dict, dict]:
     step = step if step is not None else manager.latest_step()
     if step is None:
       continue
-    restored = manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), record=ocp.args.JsonRestore()
-      ),
-    )
+    try:
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), record=ocp.args.JsonRestore()
+        ),
+      )
+    except Exception as e:  # an unreadable or foreign checkpoint, not our bug
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+      raise UserError(
+        f"checkpoint {directory / str(step)}: not a readable srem_jax checkpoint "
+        f"({type(e).__name__}: {first_line})"
+      ) from None
     state = jax.tree.map(np.asarray, restored.state)
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    if not isinstance(state, dict) or "params" not in state:
+      raise UserError(f"checkpoint {directory / str(step)}: holds no model parameters")
+    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     return variables, dict(restored.record or {})
   raise UserError(
-    f"no orbax checkpoint found at {path} (expected a run's workdir, its best/ "
+    f"no orbax checkpoint found at {root} (expected a run's workdir, its best/ "
     "or checkpoints/ folder, or one step folder inside them)"
   )
+
+
+def _shapes_by_name(tree) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {
+    "/".join(str(getattr(k, "key", k)) for k in key_path): tuple(np.shape(leaf))
+    for key_path, leaf in leaves
+  }
+
+
+def check_shapes(variables, expected, source: str) -> None:
+  """Raises UserError naming the first parameter whose shape differs.
+
+  `expected` is the model's abstract variables (`jax.eval_shape` of its init),
+  so a checkpoint from another model size fails here with a name, not inside
+  the model with a shape traceback.
+  """
+  found, wanted = _shapes_by_name(variables), _shapes_by_name(expected)
+  # Weights first: a wrong size shows in both, and the weight's name says more.
+  for name in sorted(wanted, key=lambda n: not n.startswith("params/")):
+    shape = wanted[name]
+    if name not in found:
+      raise UserError(
+        f"checkpoint {source}: has no parameter {name} that the model (per the "
+        "config) needs; was it trained with another config.model?"
+      )
+    if found[name] != shape:
+      raise UserError(
+        f"checkpoint {source}: parameter {name} has shape {found[name]} but the "
+        f"model built from the config expects {shape}; evaluate with the config "
+        "(config.model fields) the checkpoint was trained with"
+      )
+  extra = sorted(set(found) - set(wanted))
+  if extra:
+    raise UserError(
+      f"checkpoint {source}: parameter {extra[0]} is not in the model built from "
+      "the config; evaluate with the config the checkpoint was trained with"
+    )

@@ -180,8 +180,20 @@ def _define_flags():
   )
 
 
-def _models_for(path, config, vocab_size, torch_model):
+def _abstract_variables(model, split, caption_len):
+  """Shapes of the model's variables for this split, computed without FLOPs."""
+  images = jax.ShapeDtypeStruct((2, split.num_regions, split.feature_dim), np.float32)
+  tokens = jax.ShapeDtypeStruct((2, caption_len), np.int32)
+  lengths = jax.ShapeDtypeStruct((2,), np.int32)
+  rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+  return jax.eval_shape(
+    lambda *args: model.init(rngs, *args, train=False), images, tokens, lengths
+  )
+
+
+def _models_for(path, config, split, caption_len, torch_model):
   """(model, variables) pairs that one --checkpoint contributes."""
+  vocab_size = split.vocab_size
   if path.endswith((".pth", ".pth.tar", ".tar")):
     from srem_jax.models import torch_import  # needs the optional torch extra
 
@@ -201,7 +213,10 @@ def _models_for(path, config, vocab_size, torch_model):
       pairs.append((build_model(model_cfg, vocab_size), variables))
     return pairs
   variables, _ = checkpoint.load_variables(path)
-  return [(build_model(config.model, vocab_size), variables)]
+  model = build_model(config.model, vocab_size)
+  expected = _abstract_variables(model, split, caption_len)
+  checkpoint.check_shapes(variables, expected, path)
+  return [(model, variables)]
 
 
 def run_evaluation(
@@ -228,7 +243,7 @@ def run_evaluation(
   models = [
     pair
     for path in checkpoints
-    for pair in _models_for(path, config, split.vocab_size, torch_model)
+    for pair in _models_for(path, config, split, caption_len, torch_model)
   ]
   total = None
   for model, variables in models:

@@ -143,14 +143,20 @@ class Vocab:
   PAD, START, END, UNK = 0, 1, 2, 3
 
   def __init__(self, word2idx: Mapping[str, int], source: str = "vocab"):
+    # A missing special also leaves a gap in the ids; its name says more.
+    for expected_id, special in enumerate(_SPECIALS):
+      if special not in word2idx:
+        raise UserError(
+          f"{source}: no {special!r} entry (expected at id {expected_id})"
+        )
     ids = sorted(word2idx.values())
     if ids != list(range(len(ids))):
       raise UserError(f"{source}: word ids must be exactly 0..{len(ids) - 1}")
     for expected_id, special in enumerate(_SPECIALS):
-      if word2idx.get(special) != expected_id:
+      if word2idx[special] != expected_id:
         raise UserError(
           f"{source}: expected {special!r} at id {expected_id}, "
-          f"got {word2idx.get(special)!r}"
+          f"got {word2idx[special]!r}"
         )
     self.word2idx: dict[str, int] = dict(word2idx)
     self.idx2word: dict[int, str] = {i: w for w, i in self.word2idx.items()}
