@@ -3,13 +3,15 @@
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import chex
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from srem_jax import checkpoint, train
+from srem_jax import checkpoint, evaluate, train
 from srem_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,3 +157,83 @@ def test_non_finite_loss_stops_with_a_clear_message(
   monkeypatch.setattr(train.losses, "objective", exploding)
   with pytest.raises(UserError, match=r"non-finite loss by step 2 \(loss=nan"):
     train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+
+
+def test_evaluate_reproduces_the_final_test_and_averages_an_ensemble(
+  full_run, data_dir, tmp_path
+):
+  workdir, results = full_run
+  config = tiny_config(data_dir)
+  best_sims, latest_sims = tmp_path / "best.npy", tmp_path / "latest.npy"
+  alone = evaluate.run_evaluation(
+    config, [str(workdir)], dump_sims=str(best_sims), workdir=str(tmp_path / "a")
+  )
+  for key, value in results["test"].items():
+    assert alone[key] == pytest.approx(value, abs=1e-9), key
+  assert (
+    json.loads((tmp_path / "a" / "results.json").read_text())["rsum"] == alone["rsum"]
+  )
+  evaluate.run_evaluation(
+    config,
+    [str(workdir / "checkpoints")],
+    dump_sims=str(latest_sims),
+    workdir=str(tmp_path / "b"),
+  )
+  both = tmp_path / "both.npy"
+  evaluate.run_evaluation(
+    config,
+    [str(workdir), str(workdir / "checkpoints")],
+    dump_sims=str(both),
+    workdir=str(tmp_path / "c"),
+  )
+  expected = (np.load(best_sims).astype(np.float64) + np.load(latest_sims)) / 2
+  np.testing.assert_allclose(np.load(both), expected, rtol=1e-6)
+  assert np.load(both).shape == (10, 50)
+
+
+def test_evaluate_command_line_coco_protocol(full_run, data_dir, tmp_path):
+  workdir, _ = full_run
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "srem_jax.evaluate",
+      f"--config={REPO}/configs/demo.py",
+      f"--config.data.raw_dir={data_dir}",
+      "--config.mesh.data=1",
+      "--config.model.img_dim=16",
+      "--config.model.embed_dim=16",
+      "--config.model.word_dim=8",
+      "--config.model.sim_dim=8",
+      f"--checkpoint={workdir}",
+      "--protocol=coco",
+      f"--workdir={tmp_path}",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert set(saved) >= {"coco1k", "coco5k", "split", "protocol", "checkpoints"}
+  assert "coco1k" in result.stdout and "coco5k" in result.stdout
+
+
+def test_epoch_gmm_selection_runs_and_selects(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  config.loss.selection = "epoch_gmm"
+  train.train_and_evaluate(config, str(tmp_path))
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+  after_warmup = [r for r in records if r["split"] == "train" and not r["warmup"]]
+  # After warm-up the selection comes from the mixture fit, not the batch rule:
+  # it is no longer "everything", and it was saved with the run.
+  assert after_warmup and after_warmup[0]["selected_frac"] < 1
+  restored = checkpoint.Checkpointer(str(tmp_path))
+  saved = restored.latest.restore(
+    restored.latest.latest_step(),
+    args=checkpoint.ocp.args.Composite(selection=checkpoint.ocp.args.StandardRestore()),
+  ).selection
+  restored.close()
+  assert saved.shape == (120,) and saved.dtype == bool
