@@ -1,0 +1,186 @@
+"""Pictures and a short summary of a run, read back from its `metrics.jsonl`.
+
+`write_all` draws one PNG per question a user asks of a noisy-label run
+into `<workdir>/plots/`: are the loss terms going down (`loss.png`), is
+validation improving (`val_rsum.png`), does the clean-sample selection find
+the truly clean pairs (`selection.png`), and do energy and swapped entropy
+separate truly clean from truly noisy pairs (`energy_entropy.png`). Epochs of
+warm-up are shaded. Missing keys only leave out their curves.
+
+    plots.write_all("workdirs/demo")  # -> ["workdirs/demo/plots/loss.png", ...]
+    print(plots.summary_table("workdirs/demo"))
+"""
+
+import json
+import math
+import os
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+LOSS_KEYS = ("loss", "loss_clean", "loss_cmbcl")
+SELECTION_KEYS = ("selection_precision", "selection_recall", "selected_frac")
+
+
+def _number(value) -> float:
+  """JSON numbers, and the "nan"/"inf" strings the reporter writes for them."""
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return math.nan
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The records of a metrics file; a run killed mid-write may leave a
+  partial last line, which is skipped rather than failing a plot."""
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict):
+        records.append(record)
+  return records
+
+
+def by_epoch(records: list[dict], split: str) -> list[dict]:
+  """One record per epoch of `split`, the last written winning (a resumed
+  run may repeat an epoch), in epoch order."""
+  latest = {}
+  for record in records:
+    if record.get("split") == split and "epoch" in record:
+      latest[int(_number(record["epoch"]))] = record
+  return [latest[e] for e in sorted(latest)]
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+  """(epochs, values) of `key` over rows that have it."""
+  pairs = [(int(r["epoch"]), _number(r[key])) for r in rows if key in r]
+  return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def save_figure(fig: Figure, path: str) -> str:
+  """Writes through a temporary name so a viewer never opens half a PNG."""
+  FigureCanvasAgg(fig)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=100)
+  os.replace(tmp, path)
+  return path
+
+
+def line_panels(
+  path: str, title: str, panels: list, shade_until: int = 0
+) -> str | None:
+  """Side-by-side panels of lines against epoch.
+
+  `panels` is a list of (panel title, y label, {curve label: (xs, ys)}).
+  Epochs up to `shade_until` are shaded as warm-up. Returns None, writing
+  nothing, when no panel has a point.
+  """
+  panels = [p for p in panels if any(xs for xs, _ in p[2].values())]
+  if not panels:
+    return None
+  fig = Figure(figsize=(5 * len(panels), 3.6), layout="constrained")
+  fig.suptitle(title)
+  for index, (panel_title, ylabel, curves) in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), index + 1)
+    for label, (xs, ys) in curves.items():
+      if xs:
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    if shade_until > 0:
+      ax.axvspan(0.5, shade_until + 0.5, color="0.9", label="warm-up", zorder=0)
+    ax.set_title(panel_title)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+  return save_figure(fig, path)
+
+
+def _warmup_epochs(train_rows: list[dict]) -> int:
+  return max((int(r["epoch"]) for r in train_rows if r.get("warmup")), default=0)
+
+
+def write_all(workdir: str) -> list[str]:
+  """Draws the run's PNGs into `<workdir>/plots/`; returns their paths."""
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(metrics_path):
+    return []
+  records = read_metrics(metrics_path)
+  train, val = by_epoch(records, "train"), by_epoch(records, "val")
+  warm = _warmup_epochs(train)
+  out_dir = os.path.join(workdir, "plots")
+  os.makedirs(out_dir, exist_ok=True)
+  out = lambda name: os.path.join(out_dir, name)
+  written = [
+    line_panels(
+      out("loss.png"),
+      "loss terms (epoch means)",
+      [("training loss", "loss", {k: series(train, k) for k in LOSS_KEYS})],
+      warm,
+    ),
+    line_panels(
+      out("val_rsum.png"),
+      "validation",
+      [("rSum", "rSum", {"val rSum": series(val, "rsum")})],
+      warm,
+    ),
+    line_panels(
+      out("selection.png"),
+      "clean-sample selection against the true noise",
+      [("selection", "fraction", {k: series(train, k) for k in SELECTION_KEYS})],
+      warm,
+    ),
+    line_panels(
+      out("energy_entropy.png"),
+      "truly clean vs truly noisy pairs (epoch means)",
+      [
+        (
+          "energy",
+          "energy",
+          {g: series(train, f"energy_{g}") for g in ("clean", "noisy")},
+        ),
+        (
+          "swapped entropy",
+          "entropy",
+          {g: series(train, f"entropy_{g}") for g in ("clean", "noisy")},
+        ),
+      ],
+      warm,
+    ),
+  ]
+  return [p for p in written if p]
+
+
+def _fmt(value, spec: str) -> str:
+  number = _number(value)
+  return "-" if value is None or math.isnan(number) else format(number, spec)
+
+
+def summary_table(workdir: str) -> str:
+  """Selection quality and validation rSum at the last and the best epoch."""
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(metrics_path):
+    return ""
+  records = read_metrics(metrics_path)
+  train = {int(r["epoch"]): r for r in by_epoch(records, "train")}
+  val = {int(r["epoch"]): r for r in by_epoch(records, "val")}
+  if not train:
+    return ""
+  last = max(train)
+  best = max(val, key=lambda e: _number(val[e].get("rsum")), default=last)
+  lines = [
+    f"{'':<12} {'epoch':>5} {'selected':>9} {'precision':>9} {'recall':>7} {'val rSum':>9}"
+  ]
+  for name, epoch in (("last epoch", last), ("best epoch", best)):
+    t, v = train.get(epoch, {}), val.get(epoch, {})
+    lines.append(
+      f"{name:<12} {epoch:>5} {_fmt(t.get('selected_frac'), '.3f'):>9} "
+      f"{_fmt(t.get('selection_precision'), '.3f'):>9} "
+      f"{_fmt(t.get('selection_recall'), '.3f'):>7} {_fmt(v.get('rsum'), '.1f'):>9}"
+    )
+  return "\n".join(lines)
