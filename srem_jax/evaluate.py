@@ -191,29 +191,51 @@ def _abstract_variables(model, split, caption_len):
   )
 
 
+# Fields that define the trained network; dtype, chunking and remat stay the
+# caller's choice at evaluation time.
+_ARCHITECTURE = (
+  "head",
+  "img_dim",
+  "embed_dim",
+  "word_dim",
+  "sim_dim",
+  "sgr_steps",
+  "smooth",
+)
+
+
+def _model_config(config, overrides):
+  model_cfg = config.model.copy_and_resolve_references()
+  with model_cfg.unlocked():
+    for key in _ARCHITECTURE:
+      if key in overrides:
+        model_cfg[key] = overrides[key]
+  return model_cfg
+
+
 def _models_for(path, config, split, caption_len, torch_model):
-  """(model, variables) pairs that one --checkpoint contributes."""
+  """(model, variables) pairs that one --checkpoint contributes.
+
+  The architecture comes from the checkpoint (its training record, or the
+  NCR `opt`), so SGR and SAF checkpoints form an ensemble in one command.
+  """
   vocab_size = split.vocab_size
   if path.endswith((".pth", ".pth.tar", ".tar")):
     from srem_jax.models import torch_import  # needs the optional torch extra
 
     pairs = []
     for overrides, variables in torch_import.load_torch_checkpoint(path, torch_model):
-      model_cfg = config.model.copy_and_resolve_references()
-      with model_cfg.unlocked():
-        for key, value in overrides.items():
-          if key in model_cfg:
-            model_cfg[key] = value
       vocab = overrides.get("vocab_size", vocab_size)
       if vocab != vocab_size:
         raise UserError(
           f"{path}: the checkpoint's vocabulary has {vocab} words but the "
           f"prepared data uses {vocab_size}; use the vocabulary it was trained with"
         )
-      pairs.append((build_model(model_cfg, vocab_size), variables))
+      model = build_model(_model_config(config, overrides), vocab_size)
+      pairs.append((model, variables))
     return pairs
-  variables, _ = checkpoint.load_variables(path)
-  model = build_model(config.model, vocab_size)
+  variables, record = checkpoint.load_variables(path)
+  model = build_model(_model_config(config, record.get("model", {})), vocab_size)
   expected = _abstract_variables(model, split, caption_len)
   checkpoint.check_shapes(variables, expected, path)
   return [(model, variables)]

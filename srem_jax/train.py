@@ -344,7 +344,13 @@ def _initial_state(run: _Run):
     f"{data.train.n_captions} training captions, {run.steps_per_epoch} steps/epoch"
   )
   selection = np.ones((data.train.n_captions,), bool)
-  record = {"epoch": 0, "best_rsum": -1.0, "best_epoch": -1}
+  # The model fields travel with the checkpoint so `evaluate` can rebuild it.
+  record = {
+    "epoch": 0,
+    "best_rsum": -1.0,
+    "best_epoch": -1,
+    "model": run.config.model.to_dict(),
+  }
   restored = run.ckpt.restore_latest(state, selection)
   if restored is not None:
     state = jax.device_put(restored.state, sharding.replicated(run.mesh))
