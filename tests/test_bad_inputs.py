@@ -36,6 +36,7 @@ TINY = {
   "eval.batch_size": 16,
   # A case that wrongly passes ends after one step instead of a whole run.
   "train.epochs": 1,
+  "train.warmup_epochs": 0,
   "train.steps_per_epoch": 1,
 }
 
