@@ -1,7 +1,8 @@
 """What a run tells its user: progress lines with ETA, metrics files, tables.
 
-Process 0 writes `metrics.jsonl` (one JSON object per line) in the workdir;
-every process prints. A `Progress` turns step counts into rate and ETA.
+Process 0 writes `metrics.jsonl` (one JSON object per line) in the workdir,
+a local folder or a bucket URL; every process prints. A `Progress` turns step
+counts into rate and ETA.
 
     report = Reporter(workdir)
     report.write({"step": 10, "epoch": 0, "split": "train", "loss": 1.2})
@@ -10,12 +11,14 @@ every process prints. A `Progress` turns step counts into rate and ETA.
 
 import json
 import math
-import os
 import sys
 import time
 
 import jax
 import numpy as np
+from etils import epath
+
+from srem_jax import paths
 
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
@@ -36,9 +39,9 @@ class Reporter:
   """Prints on every process, writes files on process 0 only."""
 
   def __init__(self, workdir: str):
-    self.workdir = workdir
+    self.workdir = epath.Path(workdir)
     self.is_main = jax.process_index() == 0
-    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self.metrics_path = self.workdir / "metrics.jsonl"
 
   def log(self, message: str) -> None:
     print(message, flush=True, file=sys.stdout)
@@ -46,17 +49,23 @@ class Reporter:
   def write(self, record: dict) -> None:
     if not self.is_main:
       return
-    with open(self.metrics_path, "a") as f:
-      f.write(json.dumps(_jsonable(record)) + "\n")
+    line = json.dumps(_jsonable(record)) + "\n"
+    if paths.is_url(self.metrics_path):
+      # Bucket objects cannot be appended to; the file is a few KB per run.
+      before = self.metrics_path.read_text() if self.metrics_path.exists() else ""
+      self.metrics_path.write_text(before + line)
+    else:
+      with self.metrics_path.open("a") as f:
+        f.write(line)
 
   def write_json(self, name: str, obj: dict) -> str:
-    path = os.path.join(self.workdir, name)
+    path = self.workdir / name
     if self.is_main:
-      tmp = path + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2)
-      os.replace(tmp, path)
-    return path
+      # Written aside and renamed, so a kill never leaves half a file.
+      tmp = self.workdir / f"{name}.tmp"
+      tmp.write_text(json.dumps(_jsonable(obj), indent=2))
+      tmp.replace(path)
+    return str(path)
 
 
 def format_duration(seconds: float) -> str:

@@ -16,7 +16,9 @@ import dataclasses
 import os
 
 import numpy as np
+from etils import epath
 
+from srem_jax import paths
 from srem_jax.errors import UserError
 
 PROTOCOLS = ("caption", "image")
@@ -96,7 +98,8 @@ def load_noise_file(path: str, n_caps: int, n_imgs: int, caps_per_image: int) ->
   """Loads a caption t2i, an image permutation or one expanded per caption."""
   _check_sizes(n_caps, n_imgs, caps_per_image)
   try:
-    array = np.load(path, allow_pickle=False)
+    with epath.Path(path).open("rb") as f:
+      array = np.load(f, allow_pickle=False)
   except (OSError, ValueError) as e:
     raise UserError(f"{path}: not a readable .npy noise file ({e})") from None
   if not isinstance(array, np.ndarray):
@@ -136,6 +139,30 @@ def _native_noise(
   return image_level_noise(n_imgs, ratio, seed)
 
 
+def _write_once(path: epath.Path, array: np.ndarray) -> bool:
+  """Saves `array` at `path` unless a file is there; False if one was."""
+  if paths.is_url(path):
+    # Buckets have no atomic create, but only process 0 writes this file and
+    # an object appears whole once its upload ends.
+    if path.exists():
+      return False
+    with path.open("wb") as f:
+      np.save(f, array)
+    return True
+  # Written aside and linked into place: a run killed mid-write leaves no
+  # half-written file, and an existing file is never replaced.
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    np.save(f, array)
+  try:
+    os.link(tmp, path)
+    return True
+  except FileExistsError:
+    return False
+  finally:
+    os.remove(tmp)
+
+
 def resolve_noise(
   *,
   ratio: float,
@@ -159,18 +186,13 @@ def resolve_noise(
     raise UserError(f"noise.protocol: expected one of {PROTOCOLS}, got {protocol!r}")
 
   native = _native_noise(protocol, ratio, seed, n_caps, n_imgs, caps_per_image)
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, f"noise_{protocol}_r{ratio:g}_s{seed}.npy")
-  # Written aside and linked into place: a run killed mid-write leaves no
-  # half-written file, and an existing file is never replaced.
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.save(f, native)
-  try:
-    os.link(tmp, path)
-  except FileExistsError:
+  folder = epath.Path(workdir)
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / f"noise_{protocol}_r{ratio:g}_s{seed}.npy"
+  if not _write_once(path, native):
     try:
-      existing = np.load(path, allow_pickle=False)
+      with path.open("rb") as f:
+        existing = np.load(f, allow_pickle=False)
     except (OSError, ValueError) as e:
       raise UserError(f"{path}: not a readable .npy noise file ({e})") from None
     if not (isinstance(existing, np.ndarray) and np.array_equal(existing, native)):
@@ -178,7 +200,5 @@ def resolve_noise(
         f"{path}: exists but differs from the {protocol}-level noise for ratio "
         f"{ratio:g} and seed {seed}; move it away or pass it as noise.file"
       )
-  finally:
-    os.remove(tmp)
   t2i = native if protocol == "caption" else np.repeat(native, caps_per_image)
-  return _make_noise(t2i, caps_per_image, protocol, path)
+  return _make_noise(t2i, caps_per_image, protocol, str(path))
