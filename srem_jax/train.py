@@ -10,7 +10,6 @@ best, resume from the workdir, stop cleanly on SIGTERM) → final test.
 import dataclasses
 import functools
 import math
-import os
 import signal
 from typing import Any
 
@@ -19,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from srem_jax import checkpoint, config_checks, evaluate, gmm, losses, sharding
+from srem_jax import checkpoint, config_checks, evaluate, gmm, losses, paths, sharding
 from srem_jax.data import dataset, pipeline
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import SGRAF, build_model
@@ -291,9 +291,9 @@ def _open_run(config, workdir: str) -> _Run:
   config_checks.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh.data)
   report = Reporter(workdir)
-  report.log(f"workdir: {os.path.abspath(workdir)}")
+  report.log(f"workdir: {paths.absolute(workdir)}")
   data = dataset.open_data(config, workdir, log=report.log)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if data.noise.path:
     report.log(f"noise ({data.noise.protocol}): {data.noise.path}")
   tcfg = config.train
@@ -401,6 +401,8 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
         )
       every = tcfg.checkpoint_every_steps
       if stop.signal_name or (every and step % every == 0 and step % spe):
+        # The sums carry any NaN since the epoch began: never save past one.
+        _check_finite(epoch_summary(sums), step, ckpt.latest_dir)
         ckpt.save_latest(step, state, run.loader.get_state(), selection, record)
       if stop.signal_name:
         return state
