@@ -23,7 +23,7 @@ LOSS_KEYS = ("loss", "loss_clean", "loss_cmbcl")
 SELECTION_KEYS = ("selection_precision", "selection_recall", "selected_frac")
 
 
-def _number(value) -> float:
+def as_float(value) -> float:
   """JSON numbers, and the "nan"/"inf" strings the reporter writes for them."""
   try:
     return float(value)
@@ -52,13 +52,13 @@ def by_epoch(records: list[dict], split: str) -> list[dict]:
   latest = {}
   for record in records:
     if record.get("split") == split and "epoch" in record:
-      latest[int(_number(record["epoch"]))] = record
+      latest[int(as_float(record["epoch"]))] = record
   return [latest[e] for e in sorted(latest)]
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
   """(epochs, values) of `key` over rows that have it."""
-  pairs = [(int(r["epoch"]), _number(r[key])) for r in rows if key in r]
+  pairs = [(int(r["epoch"]), as_float(r[key])) for r in rows if key in r]
   return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -157,7 +157,7 @@ def write_all(workdir: str) -> list[str]:
 
 
 def _fmt(value, spec: str) -> str:
-  number = _number(value)
+  number = as_float(value)
   return "-" if value is None or math.isnan(number) else format(number, spec)
 
 
@@ -172,7 +172,7 @@ def summary_table(workdir: str) -> str:
   if not train:
     return ""
   last = max(train)
-  best = max(val, key=lambda e: _number(val[e].get("rsum")), default=last)
+  best = max(val, key=lambda e: as_float(val[e].get("rsum")), default=last)
   lines = [
     f"{'':<12} {'epoch':>5} {'selected':>9} {'precision':>9} {'recall':>7} {'val rSum':>9}"
   ]

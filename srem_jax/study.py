@@ -1,0 +1,399 @@
+"""Noise-robustness study: SREM against its baselines and ablations.
+
+On one synthetic dataset (generated once into `<out>/data`), trains SREM,
+`triplet_hardest` and `ccl` at each caption-level noise ratio and at
+image-level noise, plus SREM ablations, for each seed. Every run is a normal
+workdir `<out>/runs/<name>`: a finished run (it has results.json) is skipped
+and a half-finished one resumes, so an interrupted study is finished by
+rerunning the same command. The summary is `<out>/study.md` (a table of
+mean ± standard deviation over seeds) with PNG figures beside it.
+
+The default (240 synthetic training images x 5 captions, 6 epochs, 22 runs,
+1 seed; each run about a minute) takes about half an hour on 2 CPU cores. At
+these sizes the model is still far from converged: scale up with
+--num_train/--epochs (or any --config.a.b=v) when there is time:
+
+    python -m srem_jax.study --out=studies/noise [--seeds=3] \
+        [--ratios=0,0.2,0.4,0.6,0.8] [--methods=srem,ccl] [--epochs=10]
+"""
+
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shlex
+import sys
+
+import flax
+import jax
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+import srem_jax
+from srem_jax import cli, plots, train
+from srem_jax.errors import UserError
+
+METHODS = ("srem", "triplet_hardest", "ccl")
+ABLATIONS = {
+  "srem w/o filtration": {"loss.use_filtration": False},
+  "srem w/o entropy weight": {"loss.use_entropy_weight": False},
+  "srem beta=0": {"loss.beta": 0.0},
+  "srem w/o CMBCL": {"loss.use_cmbcl": False},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One cell of the study: a noise condition and a method (one run per seed)."""
+
+  protocol: str
+  ratio: float
+  method: str
+  overrides: tuple = ()
+
+  @property
+  def label(self) -> str:
+    return f"{self.protocol} {round(self.ratio * 100)}%"
+
+  def run_name(self, seed: int) -> str:
+    method = self.method.replace(" w/o ", "_no_").replace(" ", "_").replace("=", "")
+    return f"{self.protocol}{self.ratio:g}_{method}_s{seed}".lower()
+
+
+def plan(ratios, methods, image_ratios=(0.4,), ablation_ratio=0.6) -> list[Setting]:
+  """Every setting, in run order; `ablation_ratio=None` leaves out ablations."""
+  settings = [
+    Setting("caption", r, m, (("loss.name", m),)) for r in ratios for m in methods
+  ]
+  settings += [
+    Setting("image", r, m, (("loss.name", m),)) for r in image_ratios for m in methods
+  ]
+  if ablation_ratio is not None and "srem" in methods:
+    settings += [
+      Setting("caption", ablation_ratio, name, tuple(fields.items()))
+      for name, fields in ABLATIONS.items()
+    ]
+  return settings
+
+
+def run_config(base, setting: Setting, seed: int, data_dir: str):
+  config = copy.deepcopy(base)
+  config.name = setting.run_name(seed)
+  config.data.raw_dir = data_dir
+  config.noise.protocol, config.noise.ratio = setting.protocol, setting.ratio
+  config.noise.seed = config.train.seed = seed
+  for key, value in setting.overrides:
+    group, field = key.split(".")
+    config[group][field] = value
+  return config
+
+
+def _check_same_data(out_dir: str, base) -> None:
+  """Refuses to mix runs trained on different data in one study folder."""
+  path = os.path.join(out_dir, "data.json")
+  data = {"name": base.data.name, **base.data.synthetic.to_dict()}
+  if not os.path.isfile(path):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(data, f, indent=2)
+    return
+  with open(path) as f:
+    before = json.load(f)
+  changed = sorted(k for k in data if before.get(k) != data[k])
+  if changed:
+    raise UserError(
+      f"{path}: this study's data was generated with other settings "
+      f"({', '.join(changed)} differ); rerun with the original sizes or "
+      "choose a new --out"
+    )
+
+
+# ---- running ----------------------------------------------------------------
+
+
+def run_all(base, out_dir: str, settings: list[Setting], seeds: list[int]) -> None:
+  """Trains every (setting, seed) that has not finished yet."""
+  _check_same_data(out_dir, base)
+  data_dir = os.path.join(out_dir, "data")
+  jobs = [(s, seed) for s in settings for seed in seeds]
+  for index, (setting, seed) in enumerate(jobs, 1):
+    workdir = os.path.join(out_dir, "runs", setting.run_name(seed))
+    done = os.path.isfile(os.path.join(workdir, "results.json"))
+    print(
+      f"[{index}/{len(jobs)}] {setting.label} {setting.method} seed {seed}: "
+      f"{'finished, skipped' if done else workdir}",
+      flush=True,
+    )
+    if not done:
+      train.train_and_evaluate(run_config(base, setting, seed, data_dir), workdir)
+      jax.clear_caches()  # each run compiles its own steps; keep memory flat
+
+
+# ---- summarising --------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunSummary:
+  test: dict
+  last_train: dict
+  train_epochs: list
+  warmup_epochs: int
+
+
+def load_run(workdir: str) -> RunSummary:
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  records = plots.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  train_rows = plots.by_epoch(records, "train")
+  return RunSummary(
+    test=results["test"],
+    last_train=train_rows[-1] if train_rows else {},
+    train_epochs=train_rows,
+    warmup_epochs=max(
+      (int(r["epoch"]) for r in train_rows if r.get("warmup")), default=0
+    ),
+  )
+
+
+def _mean_std(values) -> tuple[float, float]:
+  values = np.array([plots.as_float(v) for v in values], np.float64)
+  values = values[~np.isnan(values)]
+  if values.size == 0:
+    return math.nan, math.nan
+  return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def _cell(values, spec: str, with_spread: bool) -> str:
+  mean, std = _mean_std(values)
+  if math.isnan(mean):
+    return "-"
+  return f"{mean:{spec}} ± {std:{spec}}" if with_spread else f"{mean:{spec}}"
+
+
+def table(settings, seeds, runs: dict) -> str:
+  spread = len(seeds) > 1
+  lines = [
+    "| setting | method | test rSum | i2t R@1 | t2i R@1 | sel. precision | sel. recall |",
+    "|---|---|---:|---:|---:|---:|---:|",
+  ]
+  for s in settings:
+    group = [runs[s, seed] for seed in seeds]
+    test = lambda k: [r.test.get(k) for r in group]
+    last = lambda k: [r.last_train.get(k) for r in group]
+    lines.append(
+      f"| {s.label} | {s.method} | {_cell(test('rsum'), '.1f', spread)} "
+      f"| {_cell(test('i2t_r1'), '.1f', spread)} | {_cell(test('t2i_r1'), '.1f', spread)} "
+      f"| {_cell(last('selection_precision'), '.3f', spread)} "
+      f"| {_cell(last('selection_recall'), '.3f', spread)} |"
+    )
+  return "\n".join(lines)
+
+
+def _mean_curve(group: list[RunSummary], key: str):
+  """(epochs, mean over seeds) of a per-epoch train metric."""
+  by_epoch = {}
+  for run in group:
+    for row in run.train_epochs:
+      if key in row:
+        by_epoch.setdefault(int(row["epoch"]), []).append(row[key])
+  epochs = sorted(by_epoch)
+  return epochs, [_mean_std(by_epoch[e])[0] for e in epochs]
+
+
+def rsum_figure(path, settings, seeds, runs) -> str | None:
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(6, 4), layout="constrained")
+  ax = fig.add_subplot()
+  drawn = False
+  for color, method in enumerate(METHODS):
+    for protocol, marker, style in (("caption", "o", "-"), ("image", "s", "none")):
+      cells = [s for s in settings if s.method == method and s.protocol == protocol]
+      if not cells:
+        continue
+      stats = [
+        _mean_std(runs[s, seed].test.get("rsum") for seed in seeds) for s in cells
+      ]
+      ax.errorbar(
+        [100 * s.ratio for s in cells],
+        [m for m, _ in stats],
+        yerr=[e for _, e in stats],
+        marker=marker,
+        linestyle=style,
+        capsize=3,
+        color=f"C{color}",
+        label=f"{method} ({protocol}-level)",
+      )
+      drawn = True
+  if not drawn:
+    return None
+  ax.set_xlabel("noise ratio (%)")
+  ax.set_ylabel("test rSum")
+  ax.set_title(f"test rSum vs noise (mean ± std over {len(seeds)} seed(s))")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize="small")
+  return plots.save_figure(fig, path)
+
+
+def selection_figure(path, settings, seeds, runs) -> str | None:
+  cells = [s for s in settings if s.method == "srem" and s.protocol == "caption"]
+  if not cells:
+    return None
+  groups = {s.label: [runs[s, seed] for seed in seeds] for s in cells}
+  panels = [
+    (title, "fraction", {label: _mean_curve(g, key) for label, g in groups.items()})
+    for title, key in (
+      ("selection precision", "selection_precision"),
+      ("selection recall", "selection_recall"),
+    )
+  ]
+  warm = max(r.warmup_epochs for g in groups.values() for r in g)
+  return plots.line_panels(path, "SREM clean-sample selection per epoch", panels, warm)
+
+
+def energy_figure(path, settings, seeds, runs, ratio: float) -> str | None:
+  cells = [
+    s
+    for s in settings
+    if s.method == "srem" and s.protocol == "caption" and s.ratio > 0
+  ]
+  if not cells:
+    return None
+  cell = min(cells, key=lambda s: abs(s.ratio - ratio))
+  group = [runs[cell, seed] for seed in seeds]
+  panels = [
+    (title, title, {g: _mean_curve(group, f"{key}_{g}") for g in ("clean", "noisy")})
+    for title, key in (("energy", "energy"), ("swapped entropy", "entropy"))
+  ]
+  warm = max(r.warmup_epochs for r in group)
+  return plots.line_panels(
+    path, f"SREM, {cell.label} noise: truly clean vs truly noisy pairs", panels, warm
+  )
+
+
+def write_report(out_dir, base, settings, seeds, command: str, energy_ratio=0.6) -> str:
+  """Writes study.md and its figures from the finished runs; returns its path."""
+  runs = {
+    (s, seed): load_run(os.path.join(out_dir, "runs", s.run_name(seed)))
+    for s in settings
+    for seed in seeds
+  }
+  figures = [
+    rsum_figure(os.path.join(out_dir, "rsum_vs_noise.png"), settings, seeds, runs),
+    selection_figure(
+      os.path.join(out_dir, "selection_srem.png"), settings, seeds, runs
+    ),
+    energy_figure(
+      os.path.join(out_dir, "energy_entropy_srem.png"),
+      settings,
+      seeds,
+      runs,
+      energy_ratio,
+    ),
+  ]
+  syn = base.data.synthetic
+  header = [
+    "# Noise-robustness study",
+    "",
+    f"- command: `{command}`",
+    f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+    f"- versions: jax {jax.__version__}, flax {flax.__version__}, srem_jax {srem_jax.__version__}",
+    f"- seeds: {', '.join(map(str, seeds))} (noise and training seed)"
+    + ("; cells are mean ± standard deviation" if len(seeds) > 1 else ""),
+    f"- data: synthetic, {syn.num_train} training images × 5 captions, "
+    f"{syn.num_test} test images; {base.train.epochs} epochs "
+    f"({base.train.warmup_epochs} warm-up for SREM), batch {base.train.batch_size}",
+    "- selection precision/recall: last training epoch, against the true noise "
+    "(baselines train on every pair: precision = the clean fraction, recall = 1)",
+    "",
+  ]
+  images = [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figures if p]
+  text = "\n".join(header + [table(settings, seeds, runs), ""] + images) + "\n"
+  path = os.path.join(out_dir, "study.md")
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def run_study(base, out_dir: str, settings, seeds, command: str) -> str:
+  run_all(base, out_dir, settings, seeds)
+  return write_report(out_dir, base, settings, seeds, command)
+
+
+# ---- command line -------------------------------------------------------------
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  str(cli.REPO_ROOT / "configs" / "demo.py"),
+  "Base config of every run; override fields with --config.a.b=v.",
+  lock_config=True,
+)
+_OUT = flags.DEFINE_string("out", None, "Study folder (rerun the command to resume).")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Number of seeds (0, 1, ...) per setting.")
+_RATIOS = flags.DEFINE_list(
+  "ratios", "0,0.2,0.4,0.6,0.8", "Caption-level noise ratios."
+)
+_METHODS = flags.DEFINE_list("methods", ",".join(METHODS), "Methods to train.")
+_IMAGE_RATIOS = flags.DEFINE_list("image_ratios", "0.4", "Image-level noise ratios.")
+_ABLATIONS = flags.DEFINE_bool("ablations", True, "Add the SREM ablations.")
+_ABLATION_RATIO = flags.DEFINE_float(
+  "ablation_ratio", 0.6, "Caption noise of ablations."
+)
+_EPOCHS = flags.DEFINE_integer(
+  "epochs", 6, "Epochs per run; warm-up and LR decay start at 60% of them."
+)
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 240, "Synthetic training images.")
+
+
+def _ratios(flag) -> list[float]:
+  try:
+    values = [float(v) for v in flag.value]
+  except ValueError:
+    raise UserError(
+      f"--{flag.name}: expected comma-separated numbers, got {flag.value}"
+    )
+  if any(not 0 <= v < 1 for v in values):
+    raise UserError(f"--{flag.name}: ratios must lie in [0, 1), got {flag.value}")
+  return values
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _OUT.value:
+    raise UserError("--out is required, e.g. --out=studies/noise")
+  unknown = sorted(set(_METHODS.value) - set(METHODS))
+  if unknown or not _METHODS.value:
+    raise UserError(f"--methods: expected some of {', '.join(METHODS)}, got {unknown}")
+  if _SEEDS.value < 1 or _EPOCHS.value < 1 or _NUM_TRAIN.value < 1:
+    raise UserError("--seeds, --epochs and --num_train must be at least 1")
+  if not 0 <= _ABLATION_RATIO.value < 1:
+    raise UserError(
+      f"--ablation_ratio: expected a ratio in [0, 1), got {_ABLATION_RATIO.value}"
+    )
+  base = _CONFIG.value
+  base.train.epochs = _EPOCHS.value
+  base.train.warmup_epochs = base.train.lr_decay_epochs = round(0.6 * _EPOCHS.value)
+  base.data.synthetic.num_train = _NUM_TRAIN.value
+  settings = plan(
+    _ratios(_RATIOS),
+    [m for m in METHODS if m in _METHODS.value],
+    _ratios(_IMAGE_RATIOS),
+    _ABLATION_RATIO.value if _ABLATIONS.value else None,
+  )
+  # Runs of one method differ only in data, so their compiled steps are
+  # identical: a persistent cache compiles each once per study, not per run.
+  jax.config.update(
+    "jax_compilation_cache_dir", os.path.abspath(os.path.join(_OUT.value, "jax_cache"))
+  )
+  command = "python -m srem_jax.study " + shlex.join(sys.argv[1:])
+  path = run_study(base, _OUT.value, settings, list(range(_SEEDS.value)), command)
+  print(f"study written to {path}", flush=True)
+
+
+if __name__ == "__main__":
+  cli.run(main)

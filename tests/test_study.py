@@ -1,0 +1,163 @@
+"""The study command: its plan, its table, and a tiny real study end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from srem_jax import study
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import demo  # noqa: E402
+
+
+def tiny_base():
+  c = demo.get_config()
+  syn = c.data.synthetic
+  syn.num_train, syn.num_dev, syn.num_test = 24, 10, 10
+  syn.num_regions, syn.feature_dim, syn.num_concepts = 4, 16, 12
+  c.model.img_dim, c.model.embed_dim, c.model.word_dim, c.model.sim_dim = 16, 16, 8, 8
+  c.mesh.data = 1
+  c.train.batch_size = 16
+  c.train.epochs = 2
+  c.train.warmup_epochs = c.train.lr_decay_epochs = 1
+  c.train.log_every_steps = 100
+  c.eval.batch_size, c.eval.img_tile, c.eval.cap_tile = 16, 8, 16
+  return c
+
+
+def test_default_plan_has_every_setting_once():
+  settings = study.plan([0, 0.2, 0.4, 0.6, 0.8], study.METHODS)
+  assert len(settings) == 5 * 3 + 3 + 4
+  names = [s.run_name(1) for s in settings]
+  assert len(set(names)) == len(names)
+  assert "caption0.6_srem_no_cmbcl_s1" in names
+  assert "image0.4_ccl_s1" in names and "caption0_triplet_hardest_s1" in names
+  ablations = [s for s in settings if s.method.startswith("srem ")]
+  assert {s.ratio for s in ablations} == {0.6}
+  config = study.run_config(tiny_base(), ablations[2], seed=3, data_dir="/d")
+  assert config.loss.beta == 0.0 and config.loss.name == "srem"
+  assert (config.noise.seed, config.train.seed, config.noise.ratio) == (3, 3, 0.6)
+  assert config.data.raw_dir == "/d" and config.name == "caption0.6_srem_beta0_s3"
+  assert study.plan([0.2], ["ccl"], [], 0.6) == [
+    study.Setting("caption", 0.2, "ccl", (("loss.name", "ccl"),))
+  ]
+
+
+def test_table_cells_are_mean_and_sample_std_over_seeds():
+  setting = study.Setting("caption", 0.4, "srem")
+  runs = {
+    (setting, seed): study.RunSummary(
+      test={"rsum": rsum, "i2t_r1": 10.0, "t2i_r1": r1},
+      last_train={"selection_precision": 0.5 + seed / 10, "selection_recall": "nan"},
+      train_epochs=[],
+      warmup_epochs=0,
+    )
+    for seed, rsum, r1 in ((0, 100.0, 4.0), (1, 200.0, 8.0))
+  }
+  row = study.table([setting], [0, 1], runs).splitlines()[2]
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  # std with ddof=1 of (100, 200) is 70.71; of (4, 8) is 2.83.
+  assert cells == [
+    "caption 40%",
+    "srem",
+    "150.0 ± 70.7",
+    "10.0 ± 0.0",
+    "6.0 ± 2.8",
+    "0.550 ± 0.071",
+    "-",
+  ]
+
+
+TINY_FLAGS = [
+  "--num_train=24",
+  "--epochs=2",
+  "--config.data.synthetic.num_dev=10",
+  "--config.data.synthetic.num_test=10",
+  "--config.data.synthetic.num_regions=4",
+  "--config.data.synthetic.feature_dim=16",
+  "--config.data.synthetic.num_concepts=12",
+  "--config.model.img_dim=16",
+  "--config.model.embed_dim=16",
+  "--config.model.word_dim=8",
+  "--config.model.sim_dim=8",
+  "--config.mesh.data=1",
+  "--config.train.batch_size=16",
+  "--config.train.log_every_steps=100",
+  "--config.eval.batch_size=16",
+  "--config.eval.img_tile=8",
+  "--config.eval.cap_tile=16",
+]
+
+
+def run_command(args, cwd):
+  return subprocess.run(
+    [sys.executable, "-m", "srem_jax.study", *args],
+    cwd=cwd,
+    env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
+  out = tmp_path / "study"
+  args = [
+    f"--out={out}",
+    "--ratios=0,0.6",
+    "--methods=srem",
+    "--image_ratios=",
+    "--noablations",
+    *TINY_FLAGS,
+  ]
+  result = run_command(args, tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  text = (out / "study.md").read_text()
+  assert f"- command: `python -m srem_jax.study {args[0]}" in text
+  assert "jax 0.10.2" in text and "24 training images" in text
+  rows = [line for line in text.splitlines() if line.startswith("| caption")]
+  assert [r.split("|")[1:3] for r in rows] == [
+    [" caption 0% ", " srem "],
+    [" caption 60% ", " srem "],
+  ]
+  for row, run in zip(rows, ("caption0_srem_s0", "caption0.6_srem_s0")):
+    saved = json.loads((out / "runs" / run / "results.json").read_text())
+    assert float(row.split("|")[3]) == round(saved["test"]["rsum"], 1)
+    assert saved["config"]["train"]["epochs"] == 2
+  for name in ("rsum_vs_noise.png", "selection_srem.png", "energy_entropy_srem.png"):
+    data = (out / name).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    assert f"]({name})" in text
+  # Rerunning skips finished runs and rewrites the same table.
+  base = tiny_base()  # the same data as the flags above
+  settings = study.plan([0.0, 0.6], ["srem"], [], None)
+  before = {p: os.path.getmtime(p) for p in (out / "runs").glob("*/results.json")}
+  again = open(study.run_study(base, str(out), settings, [0], "again")).read()
+  assert {p: os.path.getmtime(p) for p in before} == before
+  assert [r for r in again.splitlines() if r.startswith("|")] == [
+    r for r in text.splitlines() if r.startswith("|")
+  ]
+  base.data.synthetic.num_train = 30
+  with pytest.raises(study.UserError, match="data.json: .*num_train differ"):
+    study.run_study(base, str(out), settings, [0], "again")
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--methods=srem,nope"], "--methods: expected some of srem"),
+    (["--out=o", "--ratios=0,1.2"], "--ratios: ratios must lie in"),
+    ([], "--out is required"),
+  ],
+)
+def test_command_line_mistakes_are_one_line(args, message, tmp_path):
+  if args and args[0] == "--methods=srem,nope":
+    args = [f"--out={tmp_path}", *args]
+  result = run_command(args, tmp_path)
+  assert result.returncode == 2
+  assert result.stderr.startswith(f"error: {message}"), result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
