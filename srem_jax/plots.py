@@ -11,13 +11,16 @@ warm-up are shaded. Missing keys only leave out their curves.
     print(plots.summary_table("workdirs/demo"))
 """
 
+import io
 import json
 import math
-import os
 
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from srem_jax import paths
 
 LOSS_KEYS = ("loss", "loss_clean", "loss_cmbcl")
 SELECTION_KEYS = ("selection_precision", "selection_recall", "selected_frac")
@@ -31,11 +34,11 @@ def as_float(value) -> float:
     return math.nan
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path) -> list[dict]:
   """The records of a metrics file; a run killed mid-write may leave a
   partial last line, which is skipped rather than failing a plot."""
   records = []
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     for line in f:
       try:
         record = json.loads(line)
@@ -62,18 +65,19 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
   return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def save_figure(fig: Figure, path: str) -> str:
+def save_figure(fig: Figure, path) -> str:
   """Writes through a temporary name so a viewer never opens half a PNG."""
   FigureCanvasAgg(fig)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
-  os.replace(tmp, path)
-  return path
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
+  path = epath.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_bytes(png.getvalue())
+  tmp.replace(path)
+  return str(path)
 
 
-def line_panels(
-  path: str, title: str, panels: list, shade_until: int = 0
-) -> str | None:
+def line_panels(path, title: str, panels: list, shade_until: int = 0) -> str | None:
   """Side-by-side panels of lines against epoch.
 
   `panels` is a list of (panel title, y label, {curve label: (xs, ys)}).
@@ -107,15 +111,15 @@ def _warmup_epochs(train_rows: list[dict]) -> int:
 
 def write_all(workdir: str) -> list[str]:
   """Draws the run's PNGs into `<workdir>/plots/`; returns their paths."""
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(metrics_path):
+  metrics_path = paths.as_path(workdir) / "metrics.jsonl"
+  if not metrics_path.exists():
     return []
   records = read_metrics(metrics_path)
   train, val = by_epoch(records, "train"), by_epoch(records, "val")
   warm = _warmup_epochs(train)
-  out_dir = os.path.join(workdir, "plots")
-  os.makedirs(out_dir, exist_ok=True)
-  out = lambda name: os.path.join(out_dir, name)
+  out_dir = paths.as_path(workdir) / "plots"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  out = lambda name: out_dir / name
   written = [
     line_panels(
       out("loss.png"),
@@ -163,8 +167,8 @@ def _fmt(value, spec: str) -> str:
 
 def summary_table(workdir: str) -> str:
   """Selection quality and validation rSum at the last and the best epoch."""
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(metrics_path):
+  metrics_path = paths.as_path(workdir) / "metrics.jsonl"
+  if not metrics_path.exists():
     return ""
   records = read_metrics(metrics_path)
   train = {int(r["epoch"]): r for r in by_epoch(records, "train")}

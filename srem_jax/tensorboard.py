@@ -11,7 +11,7 @@ runtime's major version. TensorBoard itself only reads the files.
 
     writer = SummaryWriter("workdirs/demo/tensorboard")
     writer.scalar("val/rsum", 312.5, step=930)
-    writer.close()
+    writer.close()  # or flush(): nothing else is held open
 """
 
 import math
@@ -22,6 +22,8 @@ import time
 
 import jax
 import numpy as np
+
+from srem_jax import paths
 
 # ---- CRC-32C (Castagnoli), as TFRecord frames use it ------------------------
 
@@ -134,26 +136,35 @@ def _histogram(values: np.ndarray, bins: int) -> bytes:
 
 
 class SummaryWriter:
-  """Appends scalar and histogram events to a fresh event file in `logdir`."""
+  """Appends scalar and histogram events to a fresh event file in `logdir`.
+
+  Events are buffered until `flush()`, which appends them to the local file
+  or, for a bucket URL (whose objects cannot be appended to), rewrites the
+  object whole; event files grow by a few KB per epoch. No handle stays
+  open, so a killed run loses only the unflushed events.
+  """
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
-    self.path = os.path.join(logdir, name)
-    self._file = open(self.path, "ab")
-    self._file.write(tfrecord_frame(_event(0, file_version="brain.Event:2")))
-    self._file.flush()
+    logdir = paths.as_path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    self._file = logdir / (
+      f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
+    )
+    self.path = str(self._file)
+    self._flushed = b""
+    self._pending = bytearray(tfrecord_frame(_event(0, file_version="brain.Event:2")))
+    self.flush()
 
   @classmethod
   def for_workdir(cls, workdir: str) -> "SummaryWriter | None":
     """A writer in `<workdir>/tensorboard` on process 0; None elsewhere."""
     if jax.process_index() != 0:
       return None
-    return cls(os.path.join(workdir, "tensorboard"))
+    return cls(paths.as_path(workdir) / "tensorboard")
 
   def scalar(self, tag: str, value: float, step: int) -> None:
     summary = _summary_value(tag, simple_value=float(value))
-    self._file.write(tfrecord_frame(_event(step, summary=summary)))
+    self._pending += tfrecord_frame(_event(step, summary=summary))
 
   def histogram(self, tag: str, values, step: int, bins: int = 30) -> None:
     values = np.asarray(values, np.float64).ravel()
@@ -161,14 +172,21 @@ class SummaryWriter:
     if values.size == 0:
       return
     summary = _summary_value(tag, histo=_histogram(values, bins))
-    self._file.write(tfrecord_frame(_event(step, summary=summary)))
+    self._pending += tfrecord_frame(_event(step, summary=summary))
 
   def flush(self) -> None:
-    self._file.flush()
+    if not self._pending:
+      return
+    if paths.is_url(self._file):
+      self._flushed += bytes(self._pending)
+      self._file.write_bytes(self._flushed)
+    else:
+      with self._file.open("ab") as f:
+        f.write(bytes(self._pending))
+    self._pending.clear()
 
   def close(self) -> None:
-    if not self._file.closed:
-      self._file.close()
+    self.flush()
 
 
 def log_epoch(writer: SummaryWriter | None, records: list[dict]) -> None:

@@ -111,9 +111,11 @@ def test_scalars_and_histogram_read_back(tmp_path):
   writer.scalar("val/rsum", 312.5, step=10)
   writer.scalar("train/loss", -0.5, step=2**40)
   values = np.array([0.0, 1.0, 1.5, 2.0, 4.0])
+  writer.flush()
   writer.histogram("energy", values, step=3, bins=4)
   writer.close()
   assert os.path.basename(writer.path).startswith("events.out.tfevents.")
+  assert os.path.dirname(writer.path) == str(tmp_path)
   events = read_events(writer.path)
   assert events[0].file_version == "brain.Event:2"
   scalars = [
