@@ -9,7 +9,6 @@ best, resume from the workdir, stop cleanly on SIGTERM) → final test.
 
 import dataclasses
 import functools
-import math
 import signal
 from typing import Any
 
@@ -22,7 +21,18 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from srem_jax import checkpoint, config_checks, evaluate, gmm, losses, paths, sharding
+from srem_jax import (
+  checkpoint,
+  config_checks,
+  diagnostics,
+  evaluate,
+  gmm,
+  losses,
+  paths,
+  plots,
+  sharding,
+  tensorboard,
+)
 from srem_jax.data import dataset, pipeline
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import SGRAF, build_model
@@ -147,22 +157,6 @@ def loss_options(loss_cfg) -> dict:
   return {k: loss_cfg[k] for k in keys}
 
 
-def selection_sums(aux, truth_clean) -> dict:
-  """Per-batch sums from which epoch precision/recall and means are formed."""
-  chosen = aux["clean"].astype(jnp.float32)
-  truth = truth_clean.astype(jnp.float32)
-  return {
-    "n": jnp.asarray(truth.shape[0], jnp.float32),
-    "selected": chosen.sum(),
-    "selected_true": (chosen * truth).sum(),
-    "true_clean": truth.sum(),
-    "energy_clean": (aux["energy"] * truth).sum(),
-    "energy_noisy": (aux["energy"] * (1 - truth)).sum(),
-    "entropy_clean": (aux["entropy"] * truth).sum(),
-    "entropy_noisy": (aux["entropy"] * (1 - truth)).sum(),
-  }
-
-
 def train_step(state, batch, clean, *, model, tx, loss_kw, warmup, mesh):
   """One update; `clean` is an externally selected mask or None (static)."""
   rng = jax.random.fold_in(state.rng, state.step)
@@ -182,7 +176,7 @@ def train_step(state, batch, clean, *, model, tx, loss_kw, warmup, mesh):
   )
   metrics = {k: aux[k] for k in ("loss", "loss_clean", "loss_cmbcl", "clean_frac")}
   metrics["grad_norm"] = optax.global_norm(grads)
-  metrics.update(selection_sums(aux, batch["clean"]))
+  metrics.update(diagnostics.selection_sums(aux, batch["clean"]))
   return new_state, metrics
 
 
@@ -195,24 +189,6 @@ def make_train_step(model, tx, loss_kw, mesh, *, warmup: bool, external_clean: b
   else:
     fn = lambda state, batch: step(state, batch, batch["selected"])
   return jax.jit(fn, out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
-
-
-def epoch_summary(sums: dict) -> dict:
-  """Epoch diagnostics from accumulated `selection_sums` and loss sums."""
-  s = {k: float(v) for k, v in sums.items()}
-  steps = max(s.pop("steps"), 1.0)
-  noisy = s["n"] - s["true_clean"]
-  out = {k: s[k] / steps for k in ("loss", "loss_clean", "loss_cmbcl", "grad_norm")}
-  out.update(
-    selected_frac=s["selected"] / max(s["n"], 1),
-    selection_precision=s["selected_true"] / s["selected"] if s["selected"] else 0.0,
-    selection_recall=s["selected_true"] / s["true_clean"] if s["true_clean"] else 0.0,
-    energy_clean=s["energy_clean"] / s["true_clean"] if s["true_clean"] else math.nan,
-    energy_noisy=s["energy_noisy"] / noisy if noisy else math.nan,
-    entropy_clean=s["entropy_clean"] / s["true_clean"] if s["true_clean"] else math.nan,
-    entropy_noisy=s["entropy_noisy"] / noisy if noisy else math.nan,
-  )
-  return out
 
 
 # ---- the loop ---------------------------------------------------------------
@@ -236,18 +212,6 @@ class _StopFlag:
 
   def _handle(self, signum, frame):
     self.signal_name = signal.Signals(signum).name
-
-
-def _check_finite(summary: dict, step: int, ckpt_dir: str) -> None:
-  terms = {k: summary[k] for k in ("loss", "loss_clean", "loss_cmbcl")}
-  if all(math.isfinite(v) for v in terms.values()):
-    return
-  text = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-  raise UserError(
-    f"non-finite loss by step {step} ({text}); the last good checkpoint in "
-    f"{ckpt_dir} is kept: rerun the same command with a lower learning rate, "
-    "e.g. --config.train.lr=1e-4, to resume from it"
-  )
 
 
 def _gmm_selection(config, model, state, data, mesh) -> np.ndarray:
@@ -368,6 +332,7 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
   loss_kw = loss_options(config.loss)
   use_gmm = config.loss.selection == "epoch_gmm" and config.loss.name == "srem"
   compiled = {}
+  events = tensorboard.SummaryWriter.for_workdir(run.workdir)
   progress = Progress(run.total_steps, int(state.step))
   iterator = iter(run.loader)
   step = int(state.step)
@@ -390,8 +355,8 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
       metrics["steps"] = 1.0
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
       if step % tcfg.log_every_steps == 0 or step % spe == 0:
-        summary = epoch_summary(sums)
-        _check_finite(summary, step, ckpt.latest_dir)
+        summary = diagnostics.epoch_summary(sums)
+        diagnostics.check_finite(summary, step, ckpt.latest_dir)
         report.log(
           f"epoch {epoch + 1}/{tcfg.epochs}{' (warm-up)' if warmup else ''} "
           f"{progress.line(step)} | loss {summary['loss']:.4f} "
@@ -402,11 +367,11 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
       every = tcfg.checkpoint_every_steps
       if stop.signal_name or (every and step % every == 0 and step % spe):
         # The sums carry any NaN since the epoch began: never save past one.
-        _check_finite(epoch_summary(sums), step, ckpt.latest_dir)
+        diagnostics.check_finite(diagnostics.epoch_summary(sums), step, ckpt.latest_dir)
         ckpt.save_latest(step, state, run.loader.get_state(), selection, record)
       if stop.signal_name:
         return state
-    summary = epoch_summary(sums)
+    summary = diagnostics.epoch_summary(sums)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     val = evaluate.evaluate_split(
       run.model,
@@ -417,10 +382,15 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
       run.data.caption_len,
       run.data.val_images,
     )
-    report.write(
-      {"step": step, "epoch": epoch + 1, "split": "train", "warmup": warmup, **summary}
-    )
-    report.write({"step": step, "epoch": epoch + 1, "split": "val", **val})
+    records = [
+      {"step": step, "epoch": epoch + 1, "split": "train", "warmup": warmup, **summary},
+      {"step": step, "epoch": epoch + 1, "split": "val", **val},
+    ]
+    for epoch_record in records:
+      report.write(epoch_record)
+    tensorboard.log_epoch(events, records)
+    if report.is_main:
+      plots.write_all(run.workdir)
     record["epoch"] = epoch + 1
     improved = val["rsum"] > record["best_rsum"]
     if improved:
@@ -470,6 +440,8 @@ def _final_test(run: _Run, state, record) -> dict:
   path = run.report.write_json("results.json", results)
   rows = test if config.data.eval_protocol == "coco" else {"test": test}
   run.report.log("\n" + recall_table(rows))
+  if run.report.is_main:
+    run.report.log(plots.summary_table(run.workdir))
   run.report.log(
     f"best epoch {record['best_epoch']} (val rSum {record['best_rsum']:.1f}); "
     f"results in {path}"

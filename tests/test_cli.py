@@ -100,7 +100,6 @@ def _demo_config():
     ("loss.selection", "gmm", "loss.selection"),
     ("model.head", "sgraf", "model.head"),
     ("train.epochs", 0, "train.epochs"),
-    ("train.lr", "fast", "train.lr"),
   ],
 )
 def test_validate_names_the_key(key, value, fragment):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from jax.sharding import Mesh
 
@@ -70,7 +71,10 @@ def random_batch(seed):
 
 def run_steps(mesh, head, name, warmup, steps=2):
   model = build_model(tiny_model_config(head), VOCAB)
-  tx = train.make_optimizer(train_config(), steps_per_epoch=1)
+  # Plain SGD keeps the comparison about the sharded gradient: Adam would turn
+  # float noise in exactly-zero gradients (a bias before BatchNorm, SGR's key
+  # bias under a softmax) into whole-sized steps.
+  tx = optax.sgd(0.05)
   state = train.init_state(
     model, tx, seed=0, num_regions=R, img_dim=D, caption_len=L, mesh=mesh
   )
@@ -86,7 +90,7 @@ def run_steps(mesh, head, name, warmup, steps=2):
 
 @pytest.mark.parametrize(
   "head, name, warmup",
-  [("sgr", "srem", False), ("saf", "srem", True), ("sgr", "triplet_hardest", False)],
+  [("sgr", "srem", False), ("saf", "srem", True), ("sgr", "ccl", False)],
 )
 def test_eight_devices_match_one(head, name, warmup):
   assert jax.device_count() == 8
@@ -96,11 +100,7 @@ def test_eight_devices_match_one(head, name, warmup):
   state8, losses8 = run_steps(eight, head, name, warmup)
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-6)
   assert np.all(np.isfinite(losses1))
-  # atol: some biases have an exactly zero gradient (the SGR key bias under a
-  # softmax, a Linear bias before BatchNorm), and Adam turns float noise into
-  # updates there; 1e-4 is a tenth of one lr=1e-3 step, while a sharding bug
-  # moves every parameter by whole steps.
-  chex.assert_trees_all_close(state8.params, state1.params, rtol=1e-4, atol=1e-4)
+  chex.assert_trees_all_close(state8.params, state1.params, rtol=1e-4, atol=1e-6)
   chex.assert_trees_all_close(
     state8.batch_stats, state1.batch_stats, rtol=1e-4, atol=1e-6
   )

@@ -1,0 +1,63 @@
+"""Selection diagnostics of a run, measured against the injected noise.
+
+The hidden clean/noisy truth of every training pair never enters the loss;
+here it scores the clean-sample selection (precision, recall, selected
+fraction) and splits the energy and swapped entropy into truly clean and truly
+noisy means. `selection_sums` runs inside the jitted step; `epoch_summary`
+turns an epoch's accumulated sums into the numbers written to metrics.jsonl.
+
+    sums = selection_sums(aux, batch["clean"])      # per step, on device
+    summary = epoch_summary(accumulated_sums)       # per epoch, on the host
+"""
+
+import math
+
+import jax.numpy as jnp
+
+from srem_jax.errors import UserError
+
+
+def selection_sums(aux, truth_clean) -> dict:
+  """Per-batch sums from which epoch precision/recall and means are formed."""
+  chosen = aux["clean"].astype(jnp.float32)
+  truth = truth_clean.astype(jnp.float32)
+  return {
+    "n": jnp.asarray(truth.shape[0], jnp.float32),
+    "selected": chosen.sum(),
+    "selected_true": (chosen * truth).sum(),
+    "true_clean": truth.sum(),
+    "energy_clean": (aux["energy"] * truth).sum(),
+    "energy_noisy": (aux["energy"] * (1 - truth)).sum(),
+    "entropy_clean": (aux["entropy"] * truth).sum(),
+    "entropy_noisy": (aux["entropy"] * (1 - truth)).sum(),
+  }
+
+
+def epoch_summary(sums: dict) -> dict:
+  """Epoch diagnostics from accumulated `selection_sums` and loss sums."""
+  s = {k: float(v) for k, v in sums.items()}
+  steps = max(s.pop("steps"), 1.0)
+  noisy = s["n"] - s["true_clean"]
+  out = {k: s[k] / steps for k in ("loss", "loss_clean", "loss_cmbcl", "grad_norm")}
+  out.update(
+    selected_frac=s["selected"] / max(s["n"], 1),
+    selection_precision=s["selected_true"] / s["selected"] if s["selected"] else 0.0,
+    selection_recall=s["selected_true"] / s["true_clean"] if s["true_clean"] else 0.0,
+    energy_clean=s["energy_clean"] / s["true_clean"] if s["true_clean"] else math.nan,
+    energy_noisy=s["energy_noisy"] / noisy if noisy else math.nan,
+    entropy_clean=s["entropy_clean"] / s["true_clean"] if s["true_clean"] else math.nan,
+    entropy_noisy=s["entropy_noisy"] / noisy if noisy else math.nan,
+  )
+  return out
+
+
+def check_finite(summary: dict, step: int, ckpt_dir: str) -> None:
+  terms = {k: summary[k] for k in ("loss", "loss_clean", "loss_cmbcl")}
+  if all(math.isfinite(v) for v in terms.values()):
+    return
+  text = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+  raise UserError(
+    f"non-finite loss by step {step} ({text}); the last good checkpoint in "
+    f"{ckpt_dir} is kept: rerun the same command with a lower learning rate, "
+    "e.g. --config.train.lr=1e-4, to resume from it"
+  )
