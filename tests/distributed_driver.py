@@ -13,6 +13,7 @@ import flax
 import jax
 import ml_collections
 import numpy as np
+import tiny
 from absl import app, flags
 
 from srem_jax import distributed, sharding, train
@@ -25,53 +26,16 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Training steps to run.")
 BATCH, REGIONS, FEATURES, CAPTION_LEN, VOCAB = 8, 3, 8, 5, 20
 
 
-def model_config():
-  return ml_collections.ConfigDict(
-    dict(
-      head="sgr",
-      img_dim=FEATURES,
-      embed_dim=8,
-      word_dim=4,
-      sim_dim=4,
-      sgr_steps=1,
-      dropout=0.4,
-      smooth=9.0,
-      dtype="float32",
-    )
-  )
-
-
-def loss_options():
-  return dict(
-    name="srem",
-    tau=0.05,
-    energy_temp=1.0,
-    margin=0.2,
-    clean_quantile=0.5,
-    use_filtration=True,
-    use_entropy_weight=True,
-    use_cmbcl=True,
-    beta=0.5,
-    bias="cross_modal",
-    cmbcl_weight=1.0,
-    eps=1e-6,
-  )
-
-
 def global_batch_rows(step: int) -> dict[str, np.ndarray]:
   """The whole global batch of `step`, identical on every process."""
-  rng = np.random.default_rng(step)
-  lengths = rng.integers(2, CAPTION_LEN + 1, size=BATCH).astype(np.int32)
-  tokens = rng.integers(4, VOCAB, size=(BATCH, CAPTION_LEN)).astype(np.int32)
-  tokens[np.arange(CAPTION_LEN)[None, :] >= lengths[:, None]] = 0
-  return {
-    "images": rng.normal(size=(BATCH, REGIONS, FEATURES)).astype(np.float32),
-    "tokens": tokens,
-    "lengths": lengths,
-    "cap_index": np.arange(BATCH, dtype=np.int32),
-    "img_index": np.arange(BATCH, dtype=np.int32),
-    "clean": rng.random(BATCH) < 0.7,
-  }
+  return tiny.random_batch(
+    step,
+    batch=BATCH,
+    regions=REGIONS,
+    features=FEATURES,
+    caption_len=CAPTION_LEN,
+    vocab=VOCAB,
+  )
 
 
 def host_copy(tree) -> dict[str, np.ndarray]:
@@ -84,7 +48,12 @@ def main(argv):
   del argv
   distributed.initialize(*[flag.value for flag in _DISTRIBUTED])
   mesh = sharding.make_mesh(-1)
-  model = build_model(model_config(), VOCAB)
+  model = build_model(
+    tiny.model_config(
+      img_dim=FEATURES, embed_dim=8, word_dim=4, sim_dim=4, sgr_steps=1
+    ),
+    VOCAB,
+  )
   train_cfg = ml_collections.ConfigDict(
     dict(lr=1e-2, lr_decay_epochs=0, lr_decay_factor=0.1, grad_clip=2.0)
   )
@@ -99,7 +68,7 @@ def main(argv):
     mesh=mesh,
   )
   step_fn = train.make_train_step(
-    model, tx, loss_options(), mesh, warmup=False, external_clean=False
+    model, tx, tiny.loss_options(), mesh, warmup=False, external_clean=False
   )
   # Rows of a global batch follow the mesh's device order, which groups each
   # process's devices together: process i owns one contiguous block.

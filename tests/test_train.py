@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+import tiny
 from jax.sharding import Mesh
 
 from srem_jax import sharding, train
@@ -15,62 +16,14 @@ from srem_jax.models.sgraf import build_model
 K, R, D, L, VOCAB = 16, 4, 12, 7, 30
 
 
-def tiny_model_config(head):
-  return ml_collections.ConfigDict(
-    dict(
-      head=head,
-      img_dim=D,
-      embed_dim=16,
-      word_dim=8,
-      sim_dim=8,
-      sgr_steps=2,
-      dropout=0.4,
-      smooth=9.0,
-      dtype="float32",
-    )
+def batch(seed):
+  return tiny.random_batch(
+    seed, batch=K, regions=R, features=D, caption_len=L, vocab=VOCAB
   )
-
-
-def train_config():
-  return ml_collections.ConfigDict(
-    dict(lr=1e-3, lr_decay_epochs=1, lr_decay_factor=0.1, grad_clip=2.0)
-  )
-
-
-def loss_config(name="srem"):
-  return dict(
-    name=name,
-    tau=0.05,
-    energy_temp=1.0,
-    margin=0.2,
-    clean_quantile=0.5,
-    use_filtration=True,
-    use_entropy_weight=True,
-    use_cmbcl=True,
-    beta=0.5,
-    bias="cross_modal",
-    cmbcl_weight=1.0,
-    eps=1e-6,
-  )
-
-
-def random_batch(seed):
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(3, L + 1, size=K).astype(np.int32)
-  tokens = rng.integers(4, VOCAB, size=(K, L)).astype(np.int32)
-  tokens[np.arange(L)[None, :] >= lengths[:, None]] = 0
-  return {
-    "images": rng.normal(size=(K, R, D)).astype(np.float32),
-    "tokens": tokens,
-    "lengths": lengths,
-    "cap_index": np.arange(K, dtype=np.int32),
-    "img_index": np.arange(K, dtype=np.int32),
-    "clean": rng.random(K) < 0.7,
-  }
 
 
 def run_steps(mesh, head, name, warmup, steps=2):
-  model = build_model(tiny_model_config(head), VOCAB)
+  model = build_model(tiny.model_config(head, img_dim=D), VOCAB)
   # Plain SGD keeps the comparison about the sharded gradient: Adam would turn
   # float noise in exactly-zero gradients (a bias before BatchNorm, SGR's key
   # bias under a softmax) into whole-sized steps.
@@ -79,11 +32,11 @@ def run_steps(mesh, head, name, warmup, steps=2):
     model, tx, seed=0, num_regions=R, img_dim=D, caption_len=L, mesh=mesh
   )
   step = train.make_train_step(
-    model, tx, loss_config(name), mesh, warmup=warmup, external_clean=False
+    model, tx, tiny.loss_options(name), mesh, warmup=warmup, external_clean=False
   )
   losses = []
   for i in range(steps):
-    state, metrics = step(state, sharding.global_batch(random_batch(i), mesh))
+    state, metrics = step(state, sharding.global_batch(batch(i), mesh))
     losses.append(float(metrics["loss"]))
   return jax.device_get(state), losses
 
@@ -112,12 +65,12 @@ def test_pair_scoring_is_split_across_devices():
   flops = {}
   for n in (1, 8):
     mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
-    model = build_model(tiny_model_config("sgr"), VOCAB)
-    tx = train.make_optimizer(train_config(), steps_per_epoch=1)
+    model = build_model(tiny.model_config("sgr", img_dim=D), VOCAB)
+    tx = optax.sgd(0.05)
     state = train.init_state(
       model, tx, seed=0, num_regions=R, img_dim=D, caption_len=L, mesh=mesh
     )
-    batch = sharding.global_batch(random_batch(0), mesh)
+    inputs = sharding.global_batch(batch(0), mesh)
     scores = jax.jit(
       lambda p, b, mesh=mesh, model=model, state=state: train.batch_scores(
         model,
@@ -129,7 +82,7 @@ def test_pair_scoring_is_split_across_devices():
         mesh=mesh,
       )[0]
     )
-    cost = scores.lower(state.params, batch).compile().cost_analysis()
+    cost = scores.lower(state.params, inputs).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops[n] = cost["flops"]
   assert flops[8] < 0.25 * flops[1], flops
