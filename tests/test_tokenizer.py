@@ -224,3 +224,19 @@ def test_build_vocab_file_counts_train_and_dev_only(tmp_path):
   assert list(words)[4:] == ["a", "dog"]  # counts 5 and 5; "red" and "." only 3
   with pytest.raises(UserError, match="refusing to overwrite"):
     build_vocab.build_vocab_file(str(tmp_path), "toy_precomp")
+
+
+def test_agrees_with_nltk_when_it_is_installed():
+  """Single-sentence captions: NLTK's word tokenizer needs no punkt model."""
+  destructive = pytest.importorskip("nltk.tokenize.destructive")
+  reference = destructive.NLTKWordTokenizer()
+  extra = [
+    "It's 5:30 p.m. and the sun's setting",
+    "Three kids (two boys and a girl) play in the 2-foot-deep pool!",
+    "Workers can't stop, won't stop, shan't stop.",
+    "A 3.5-inch screen shows 1,000 photos.",
+    "Rock 'n' roll band on stage",
+  ]
+  for caption in [c for c, _ in CAPTIONS if ". " not in c] + extra:
+    expected = [t.lower() for t in reference.tokenize(caption)]
+    assert tokenizer.word_tokenize(caption) == expected, caption

@@ -25,7 +25,22 @@ from srem_jax.errors import UserError
 # Punkt keeps the period on abbreviations, initials and numbers; with lower-cased
 # text its orthographic test always says "not a sentence start" for those.
 _ABBREVIATIONS = frozenset(
-  ["mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "u.s"]
+  [
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "st",
+    "jr",
+    "sr",
+    "vs",
+    "etc",
+    "e.g",
+    "i.e",
+    "u.s",
+    "a.m",
+    "p.m",
+  ]
 )
 _PERIOD_END = re.compile(r"^(?P<word>.*[^.])\.[\"')\]}»”’]*$")
 _LEADING_PUNCT = re.compile(r"^[(\"`{\[:;&#*@)}\]\-,]+")
