@@ -32,9 +32,17 @@ class Restored(NamedTuple):
   record: dict
 
 
-def _manager(directory: str) -> ocp.CheckpointManager:
+def _manager(directory: str, name: str) -> ocp.CheckpointManager:
+  # Each manager needs its own barrier names: on several processes, the best
+  # and the latest saves of the same step would otherwise share the
+  # "async_write_complete.<step>" barrier and fail.
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=1, create=True, cleanup_tmp_directories=True
+    max_to_keep=1,
+    create=True,
+    cleanup_tmp_directories=True,
+    multiprocessing_options=ocp.options.MultiprocessingOptions(
+      barrier_sync_key_prefix=name
+    ),
   )
   return ocp.CheckpointManager(paths.as_path(directory), options=options)
 
@@ -43,8 +51,8 @@ class Checkpointer:
   def __init__(self, workdir: str):
     self.latest_dir = os.path.join(workdir, "checkpoints")
     self.best_dir = os.path.join(workdir, "best")
-    self.latest = _manager(self.latest_dir)
-    self.best = _manager(self.best_dir)
+    self.latest = _manager(self.latest_dir, "latest")
+    self.best = _manager(self.best_dir, "best")
 
   def save_latest(self, step, state, data_state, selection, record) -> None:
     self.latest.save(

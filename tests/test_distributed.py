@@ -7,6 +7,7 @@ process with 2 devices; both see the same global batches and must end with
 the same parameters.
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -231,3 +232,46 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
       rtol=1e-5,
       atol=1e-6,
     )
+
+
+def test_main_command_on_two_processes_writes_one_set_of_outputs(tmp_path):
+  """The whole main job, checkpoints and evaluation included, on 2 processes."""
+  overrides = [
+    "--config=configs/demo.py",
+    f"--workdir={tmp_path}/run",
+    f"--config.data.raw_dir={tmp_path}/data",
+    "--config.data.synthetic.num_train=24",
+    "--config.data.synthetic.num_dev=10",
+    "--config.data.synthetic.num_test=10",
+    "--config.data.synthetic.num_regions=4",
+    "--config.data.synthetic.feature_dim=16",
+    "--config.model.img_dim=16",
+    "--config.model.embed_dim=16",
+    "--config.model.word_dim=8",
+    "--config.model.sim_dim=8",
+    "--config.train.epochs=2",
+    "--config.train.warmup_epochs=1",
+    "--config.train.batch_size=16",
+    "--config.eval.img_tile=8",
+  ]
+  result = subprocess.run(
+    ["bash", str(LOCAL_SH), *overrides],
+    env=launcher_env(
+      NUM_PROCESSES="2", LOG_DIR=str(tmp_path / "logs"), XLA_FLAGS=FAST_COMPILE
+    ),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr
+  run = tmp_path / "run"
+  assert (run / "results.json").is_file()
+  splits = [
+    json.loads(line)["split"]
+    for line in (run / "metrics.jsonl").read_text().splitlines()
+  ]
+  assert splits == ["train", "val", "train", "val", "test"]  # process 0 alone wrote
+  for rank in range(2):
+    log = (tmp_path / "logs" / f"process{rank}.log").read_text()
+    assert f"process {rank} of 2" in log and "best epoch" in log
