@@ -10,6 +10,7 @@ ensemble by averaging their similarity matrices, as SGRAF does.
         --checkpoint=workdirs/flickr [--checkpoint=other] [--dump_sims=sims.npy]
 """
 
+import functools
 import os
 
 import jax
@@ -36,18 +37,36 @@ def _to_host(tree):
   return jax.tree.map(np.asarray, tree)
 
 
-def embed_split(model, variables, split, config, mesh, caption_len, num_images):
-  """Embeds the first `num_images` images and their captions, each once."""
-  devices = mesh.devices.size
-  batch_size = _round_up(config.eval.batch_size, devices)
-  pindex, pcount = jax.process_index(), jax.process_count()
+@functools.lru_cache(maxsize=8)
+def _eval_functions(model, mesh):
+  """Jitted encoders and scorer, built once per (model, mesh).
 
+  Validation runs every epoch; fresh lambdas each time would recompile all
+  three functions every epoch. Linen modules hash by their fields.
+  """
+  rows = sharding.data_sharding(mesh)
+  full = sharding.replicated(mesh)
   encode_images = jax.jit(
     lambda v, x: model.apply(v, x, train=False, method=SGRAF.encode_images)
   )
   encode_captions = jax.jit(
     lambda v, t, n: model.apply(v, t, n, train=False, method=SGRAF.encode_captions)
   )
+  score = jax.jit(
+    lambda v, i, c: model.apply(v, i, c, train=False, method=SGRAF.score),
+    in_shardings=(full, rows, full),
+    out_shardings=full,
+  )
+  return encode_images, encode_captions, score
+
+
+def embed_split(model, variables, split, config, mesh, caption_len, num_images):
+  """Embeds the first `num_images` images and their captions, each once."""
+  devices = mesh.devices.size
+  batch_size = _round_up(config.eval.batch_size, devices)
+  pindex, pcount = jax.process_index(), jax.process_count()
+
+  encode_images, encode_captions, _ = _eval_functions(model, mesh)
   parts = []
   for batch in pipeline.image_batches(
     split, batch_size, num_images=num_images, process_index=pindex, process_count=pcount
@@ -87,11 +106,7 @@ def similarity_matrix(model, variables, split, config, mesh, caption_len, num_im
   rows = sharding.data_sharding(mesh)
   full = sharding.replicated(mesh)
   img_tile = _round_up(config.eval.img_tile, mesh.devices.size)
-  score = jax.jit(
-    lambda v, i, c: model.apply(v, i, c, train=False, method=SGRAF.score),
-    in_shardings=(full, rows, full),
-    out_shardings=full,
-  )
+  score = _eval_functions(model, mesh)[2]
 
   def place(tree, where):
     # Global arrays built from host tiles work on one process and on many.
@@ -124,6 +139,19 @@ def evaluate_split(
   return rank_metrics(sims, cap_to_img, protocol)
 
 
+@functools.lru_cache(maxsize=4)
+def _statistics_function(model, tau, temp):
+  """Jitted per-sample statistics, built once per model (called every epoch)."""
+
+  def stats(v, batch):
+    scores = model.apply(
+      v, batch["images"], batch["tokens"], batch["lengths"], train=False
+    )
+    return losses.per_sample_stats(scores, tau, temp, valid=batch["mask"])
+
+  return jax.jit(stats)
+
+
 def train_set_statistics(model, variables, data, config, mesh, *, tau, temp):
   """Per-caption in-batch cross-entropy and energy over the training set.
 
@@ -135,13 +163,7 @@ def train_set_statistics(model, variables, data, config, mesh, *, tau, temp):
   n = data.train.n_captions
   ce, energy = np.zeros(n, np.float32), np.zeros(n, np.float32)
 
-  @jax.jit
-  def stats(v, batch):
-    scores = model.apply(
-      v, batch["images"], batch["tokens"], batch["lengths"], train=False
-    )
-    return losses.per_sample_stats(scores, tau, temp, valid=batch["mask"])
-
+  stats = _statistics_function(model, tau, temp)
   for batch in pipeline.pair_batches(
     data.train, data.noise.t2i, batch_size, data.caption_len, seed=config.train.seed
   ):

@@ -94,6 +94,8 @@ def test_outputs_of_a_run(full_run):
   assert records[0]["selected_frac"] == 1.0
   assert records[0]["selection_recall"] == 1.0
   assert (workdir / "best").is_dir() and (workdir / "checkpoints").is_dir()
+  # Validation of epoch 2 and the final test reused epoch 1's compiled functions.
+  assert evaluate._eval_functions.cache_info().hits >= 2
 
 
 def test_rerun_of_a_finished_run_changes_nothing(full_run, data_dir):
