@@ -55,17 +55,9 @@ def ensure_prepared(data_cfg, log: Callable[[str], None]) -> str:
   if not os.path.isdir(raw_folder) and data_cfg.synthetic.enabled:
     syn = data_cfg.synthetic
     log(f"generating the synthetic dataset into {raw_folder} (seed {syn.seed})")
-    synthetic.generate(
-      data_cfg.raw_dir,
-      name=data_cfg.name,
-      num_train=syn.num_train,
-      num_dev=syn.num_dev,
-      num_test=syn.num_test,
-      num_regions=syn.num_regions,
-      feature_dim=syn.feature_dim,
-      num_concepts=syn.num_concepts,
-      seed=syn.seed,
-    )
+    # The config's synthetic fields are the generator's keyword arguments.
+    sizes = {k: v for k, v in syn.items() if k != "enabled"}
+    synthetic.generate(data_cfg.raw_dir, name=data_cfg.name, **sizes)
   if not os.path.isdir(raw_folder):
     raise UserError(
       f"no dataset at {os.path.abspath(raw_folder)} (data.raw_dir="
