@@ -12,6 +12,9 @@ once and pad the last batch (mask False) instead of dropping it.
     loader = train_loader(split, t2i, clean, global_batch_size=128,
                           caption_len=caption_length(split, 0), seed=0)
     batch = next(iter(loader))  # images, tokens, lengths, cap_index, ...
+
+With `with_images=False` the batches carry only `img_index` for the images,
+and `split.all_images(dtype)` gives the whole split for device memory.
 """
 
 import dataclasses
@@ -31,6 +34,8 @@ _EPOCHS_AHEAD = 1_000_000
 # Whole batches are read ahead by a few threads, overlapping the train step.
 _READ_THREADS = 2
 _PREFETCH_BATCHES = 4
+# Images per read when a whole split is loaded (~300 MB of float32 at 36 x 2048).
+_ALL_IMAGES_CHUNK = 1024
 
 
 @dataclasses.dataclass
@@ -92,6 +97,18 @@ class PreparedSplit:
   def image(self, i: int) -> np.ndarray:
     return self.images(np.array([i]))[0]
 
+  def all_images(self, dtype=np.float32) -> np.ndarray:
+    """Every image's regions (n_images, R, D) in `dtype`, read in chunks.
+
+    Chunks keep the host's peak at the result's size plus one float32 chunk,
+    so bfloat16 features of a whole split need half the float32 memory.
+    """
+    out = np.empty((self.n_images, self.num_regions, self.feature_dim), dtype)
+    for start in range(0, self.n_images, _ALL_IMAGES_CHUNK):
+      stop = min(start + _ALL_IMAGES_CHUNK, self.n_images)
+      out[start:stop] = self.images(np.arange(start, stop))
+    return out
+
   def tokens(self, k: int) -> np.ndarray:
     return self._source("captions")[int(k)]["tokens"]
 
@@ -142,17 +159,21 @@ def _process_slice(batch_size, process_index, process_count) -> tuple[int, int]:
   return index * rows, rows
 
 
-def _pair_batch(split, t2i, clean, cap_index, caption_len) -> dict[str, np.ndarray]:
+def _pair_batch(
+  split, t2i, clean, cap_index, caption_len, with_images=True
+) -> dict[str, np.ndarray]:
   img_index = t2i[cap_index]
   tokens, lengths = split.padded_tokens(cap_index, caption_len)
-  return {
-    "images": split.images(img_index),
+  batch = {
     "tokens": tokens,
     "lengths": lengths,
     "cap_index": cap_index.astype(np.int32),
     "img_index": img_index.astype(np.int32),
     "clean": clean[cap_index],
   }
+  if with_images:
+    batch["images"] = split.images(img_index)
+  return batch
 
 
 def _check_noise(split: PreparedSplit, t2i, clean) -> tuple[np.ndarray, np.ndarray]:
@@ -187,6 +208,7 @@ class _TrainBatches:
   steps_per_epoch: int
   first_row: int  # this process's rows of each global batch
   rows: int
+  with_images: bool = True
   _order: tuple = (-1, None)  # (epoch, caption order) of the last epoch read
 
   def __len__(self) -> int:
@@ -200,7 +222,9 @@ class _TrainBatches:
       self._order = (epoch, order)
     start = within * self.global_batch_size + self.first_row
     cap_index = order[start : start + self.rows]
-    return _pair_batch(self.split, self.t2i, self.clean, cap_index, self.caption_len)
+    return _pair_batch(
+      self.split, self.t2i, self.clean, cap_index, self.caption_len, self.with_images
+    )
 
 
 class TrainLoader:
@@ -276,8 +300,13 @@ def train_loader(
   process_index: int | None = None,
   process_count: int | None = None,
   max_steps_per_epoch: int = 0,
+  with_images: bool = True,
 ) -> TrainLoader:
-  """Training batches; `max_steps_per_epoch` > 0 caps the epoch length."""
+  """Training batches; `max_steps_per_epoch` > 0 caps the epoch length.
+
+  `with_images=False` leaves `images` out of every batch and reads no
+  features: the step then gathers them by `img_index` from device memory.
+  """
   t2i, clean = _check_noise(split, t2i, clean)
   caption_len = caption_length(split, caption_len)
   steps_per_epoch = split.n_captions // global_batch_size
@@ -299,6 +328,7 @@ def train_loader(
     steps_per_epoch=steps_per_epoch,
     first_row=first_row,
     rows=rows,
+    with_images=with_images,
   )
   return TrainLoader(batches, num_workers)
 
