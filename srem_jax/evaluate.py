@@ -152,8 +152,9 @@ def _statistics_function(model, tau, temp):
   return jax.jit(stats)
 
 
-def train_set_statistics(model, variables, data, config, mesh, *, tau, temp):
-  """Per-caption in-batch cross-entropy and energy over the training set.
+def train_pair_statistics(model, variables, data, config, mesh, *, tau, temp):
+  """Per-caption in-batch cross-entropy, energy and swapped entropy over the
+  training set, as {"ce", "energy", "entropy"} arrays indexed by caption.
 
   Batches follow a seeded order of the whole (noisy) training set; the last
   one is padded and its padding masked out of every softmax.
@@ -161,17 +162,23 @@ def train_set_statistics(model, variables, data, config, mesh, *, tau, temp):
   devices = mesh.devices.size
   batch_size = _round_up(config.train.batch_size, devices)
   n = data.train.n_captions
-  ce, energy = np.zeros(n, np.float32), np.zeros(n, np.float32)
+  out = {key: np.zeros(n, np.float32) for key in ("ce", "energy", "entropy")}
 
   stats = _statistics_function(model, tau, temp)
   for batch in pipeline.pair_batches(
     data.train, data.noise.t2i, batch_size, data.caption_len, seed=config.train.seed
   ):
-    out = _to_host(stats(variables, sharding.global_batch(batch, mesh)))
+    values = _to_host(stats(variables, sharding.global_batch(batch, mesh)))
     keep = batch["mask"]
-    ce[batch["cap_index"][keep]] = out["ce"][keep]
-    energy[batch["cap_index"][keep]] = out["energy"][keep]
-  return ce, energy
+    for key, column in out.items():
+      column[batch["cap_index"][keep]] = values[key][keep]
+  return out
+
+
+def train_set_statistics(model, variables, data, config, mesh, *, tau, temp):
+  """(cross-entropy, energy) per training caption, the epoch-level GMM's input."""
+  out = train_pair_statistics(model, variables, data, config, mesh, tau=tau, temp=temp)
+  return out["ce"], out["energy"]
 
 
 # ---- command line -----------------------------------------------------------

@@ -168,21 +168,27 @@ def complementary_loss(S, tau, beta=0.0, bias="cross_modal", eps=1e-6):
 
 
 def per_sample_stats(S, tau, temp=1.0, valid=None):
-  """In-batch cross-entropy and energy of each pair, for the epoch-level GMM.
+  """In-batch cross-entropy, energy and swapped entropy of each pair.
 
-  `ce` is the mean over both directions of `-log P[i, i]`; `energy` is
-  `sample_energy`. `valid` ((K,) bool) removes padded pairs: their columns
-  leave every softmax/logsumexp and their own entries are returned as 0.
+  `ce` is the mean over both directions of `-log P[i, i]` (the epoch-level
+  GMM's input); `energy` is `sample_energy`; `entropy` is `swapped_entropy`.
+  `valid` ((K,) bool) removes padded pairs: their columns leave every
+  softmax/logsumexp and their own entries are returned as 0.
   """
   z_i2t, z_t2i = batch_logits(S, tau)
   if valid is not None:
     z_i2t = jnp.where(valid[None, :], z_i2t, -jnp.inf)
     z_t2i = jnp.where(valid[None, :], z_t2i, -jnp.inf)
-  ce_i2t = -jnp.diagonal(jax.nn.log_softmax(z_i2t, axis=1))
-  ce_t2i = -jnp.diagonal(jax.nn.log_softmax(z_t2i, axis=1))
+  log_p_i2t = jax.nn.log_softmax(z_i2t, axis=1)
+  log_p_t2i = jax.nn.log_softmax(z_t2i, axis=1)
+  # A padded column has P = 0 and log P = -inf; its product must count as 0.
+  cross = jnp.exp(log_p_i2t) * log_p_t2i + jnp.exp(log_p_t2i) * log_p_i2t
+  if valid is not None:
+    cross = jnp.where(valid[None, :], cross, 0.0)
   stats = {
-    "ce": 0.5 * (ce_i2t + ce_t2i),
+    "ce": -0.5 * (jnp.diagonal(log_p_i2t) + jnp.diagonal(log_p_t2i)),
     "energy": 0.5 * (energy(z_i2t, temp) + energy(z_t2i, temp)),
+    "entropy": -0.5 * jnp.sum(cross, axis=1),
   }
   if valid is not None:
     stats = {key: jnp.where(valid, value, 0.0) for key, value in stats.items()}

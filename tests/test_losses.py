@@ -113,7 +113,11 @@ def ref_complementary(S, tau, beta, bias, eps):
 def ref_per_sample_stats(S, tau, temp=1.0):
   p_i2t, p_t2i = ref_softmax_rows(S / tau), ref_softmax_rows(S.T / tau)
   ce = -0.5 * (np.log(np.diag(p_i2t)) + np.log(np.diag(p_t2i)))
-  return {"ce": ce, "energy": ref_sample_energy(S, tau, temp)}
+  return {
+    "ce": ce,
+    "energy": ref_sample_energy(S, tau, temp),
+    "entropy": ref_swapped_entropy(S, tau),
+  }
 
 
 def assert_close(actual, expected, atol=1e-4):
@@ -189,6 +193,7 @@ class LossesVsReference(chex.TestCase):
     expected = ref_per_sample_stats(S, TAU, 0.7)
     assert_close(stats["ce"], expected["ce"])
     assert_close(stats["energy"], expected["energy"])
+    assert_close(stats["entropy"], expected["entropy"])
 
 
 def test_per_sample_stats_valid_mask_equals_unpadded_submatrix():
@@ -201,7 +206,7 @@ def test_per_sample_stats_valid_mask_equals_unpadded_submatrix():
     jnp.asarray(padded), TAU, 1.0, jnp.asarray(valid)
   )
   expected = ref_per_sample_stats(S[valid][:, valid], TAU)
-  for key in ("ce", "energy"):
+  for key in ("ce", "energy", "entropy"):
     assert_close(np.asarray(stats[key])[valid], expected[key])
     np.testing.assert_array_equal(np.asarray(stats[key])[~valid], 0.0)
 
