@@ -15,6 +15,7 @@ import io
 import json
 import math
 
+import numpy as np
 from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -100,6 +101,35 @@ def line_panels(path, title: str, panels: list, shade_until: int = 0) -> str | N
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+  return save_figure(fig, path)
+
+
+def histogram_panels(path, title: str, panels: list, bins: int = 40) -> str | None:
+  """Side-by-side panels of overlaid, density-normalised histograms.
+
+  `panels` is a list of (panel title, x label, {group label: values}); the
+  groups of a panel share bin edges so their shapes compare directly.
+  Returns None, writing nothing, when every group is empty.
+  """
+  panels = [
+    (t, x, {k: np.asarray(v, np.float64) for k, v in groups.items() if len(v)})
+    for t, x, groups in panels
+  ]
+  panels = [p for p in panels if p[2]]
+  if not panels:
+    return None
+  fig = Figure(figsize=(5 * len(panels), 3.6), layout="constrained")
+  fig.suptitle(title)
+  for index, (panel_title, xlabel, groups) in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), index + 1)
+    edges = np.histogram_bin_edges(np.concatenate(list(groups.values())), bins)
+    for label, values in groups.items():
+      ax.hist(values, edges, density=True, alpha=0.5, label=f"{label} ({len(values)})")
+    ax.set_title(panel_title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
   return save_figure(fig, path)

@@ -33,8 +33,10 @@ from absl import flags
 from ml_collections import config_flags
 
 import srem_jax
-from srem_jax import cli, plots, train
+from srem_jax import checkpoint, cli, evaluate, plots, sharding, train
+from srem_jax.data import dataset
 from srem_jax.errors import UserError
+from srem_jax.models.sgraf import build_model
 
 METHODS = ("srem", "triplet_hardest", "ccl")
 ABLATIONS = {
@@ -254,15 +256,20 @@ def selection_figure(path, settings, seeds, runs) -> str | None:
   return plots.line_panels(path, "SREM clean-sample selection per epoch", panels, warm)
 
 
-def energy_figure(path, settings, seeds, runs, ratio: float) -> str | None:
+def energy_cell(settings, ratio: float) -> Setting | None:
+  """The noisy caption-level SREM setting whose ratio is closest to `ratio`."""
   cells = [
     s
     for s in settings
     if s.method == "srem" and s.protocol == "caption" and s.ratio > 0
   ]
-  if not cells:
+  return min(cells, key=lambda s: abs(s.ratio - ratio)) if cells else None
+
+
+def energy_figure(path, settings, seeds, runs, ratio: float) -> str | None:
+  cell = energy_cell(settings, ratio)
+  if cell is None:
     return None
-  cell = min(cells, key=lambda s: abs(s.ratio - ratio))
   group = [runs[cell, seed] for seed in seeds]
   panels = [
     (title, title, {g: _mean_curve(group, f"{key}_{g}") for g in ("clean", "noisy")})
@@ -271,6 +278,42 @@ def energy_figure(path, settings, seeds, runs, ratio: float) -> str | None:
   warm = max(r.warmup_epochs for r in group)
   return plots.line_panels(
     path, f"SREM, {cell.label} noise: truly clean vs truly noisy pairs", panels, warm
+  )
+
+
+def pair_histogram_figure(path, out_dir, base, setting, seed) -> str | None:
+  """Histograms of energy and swapped entropy over every training pair of one
+  run, truly clean vs truly noisy, scored by its last checkpoint (its latest
+  epoch) in evaluation mode, in the seeded batches the epoch-level GMM uses."""
+  workdir = os.path.join(out_dir, "runs", setting.run_name(seed))
+  config = run_config(base, setting, seed, os.path.join(out_dir, "data"))
+  variables, record = checkpoint.load_variables(os.path.join(workdir, "checkpoints"))
+  data = dataset.open_data(config, workdir, log=lambda _: None)
+  mesh = sharding.make_mesh(config.mesh.data)
+  model = build_model(config.model, data.vocab_size)
+  stats = evaluate.train_pair_statistics(
+    model,
+    variables,
+    data,
+    config,
+    mesh,
+    tau=config.loss.tau,
+    temp=config.loss.energy_temp,
+  )
+  truth = np.asarray(data.noise.clean, bool)
+  panels = [
+    (
+      title,
+      title,
+      {"truly clean": stats[key][truth], "truly noisy": stats[key][~truth]},
+    )
+    for title, key in (("energy", "energy"), ("swapped entropy", "entropy"))
+  ]
+  return plots.histogram_panels(
+    path,
+    f"{setting.method}, {setting.label} noise, epoch {record.get('epoch', '?')}: "
+    "every training pair",
+    panels,
   )
 
 
@@ -294,6 +337,17 @@ def write_report(out_dir, base, settings, seeds, command: str, energy_ratio=0.6)
       energy_ratio,
     ),
   ]
+  cell = energy_cell(settings, energy_ratio)
+  if cell is not None:
+    figures.append(
+      pair_histogram_figure(
+        os.path.join(out_dir, "energy_entropy_hist_srem.png"),
+        out_dir,
+        base,
+        cell,
+        seeds[0],
+      )
+    )
   syn = base.data.synthetic
   header = [
     "# Noise-robustness study",

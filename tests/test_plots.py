@@ -3,6 +3,8 @@
 import json
 import struct
 
+import numpy as np
+
 from srem_jax import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -112,3 +114,20 @@ def test_summary_table_reports_last_and_best_epoch(tmp_path):
   lines = plots.summary_table(str(tmp_path)).splitlines()
   assert lines[1].split() == ["last", "epoch", "3", "0.500", "0.900", "0.750", "240.0"]
   assert lines[2].split() == ["best", "epoch", "2", "0.500", "0.800", "0.700", "250.0"]
+
+
+def test_histograms_share_bins_and_skip_empty_groups(tmp_path):
+  rng = np.random.default_rng(0)
+  path = plots.histogram_panels(
+    tmp_path / "hist.png",
+    "clean vs noisy",
+    [
+      ("energy", "energy", {"clean": rng.normal(-3, 1, 500), "noisy": []}),
+      ("entropy", "entropy", {"clean": rng.random(400), "noisy": rng.random(100)}),
+    ],
+  )
+  assert png_size(path) == (1000, 360)  # two panels: the empty group is left out
+  assert len(open(path, "rb").read()) > 10_000
+  empty = [("energy", "energy", {"clean": [], "noisy": []})]
+  assert plots.histogram_panels(tmp_path / "none.png", "t", empty) is None
+  assert not (tmp_path / "none.png").exists()

@@ -128,7 +128,8 @@ def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
     saved = json.loads((out / "runs" / run / "results.json").read_text())
     assert float(row.split("|")[3]) == round(saved["test"]["rsum"], 1)
     assert saved["config"]["train"]["epochs"] == 2
-  for name in ("rsum_vs_noise.png", "selection_srem.png", "energy_entropy_srem.png"):
+  figures = ("rsum_vs_noise.png", "selection_srem.png", "energy_entropy_srem.png")
+  for name in (*figures, "energy_entropy_hist_srem.png"):
     data = (out / name).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
     assert f"]({name})" in text
