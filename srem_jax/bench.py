@@ -9,7 +9,7 @@ last line printed is one JSON object.
 
     python -m srem_jax.bench train_step --batch=128 --dtype=bfloat16
     python -m srem_jax.bench eval --n_img=100 --n_cap=500
-    python -m srem_jax.bench pipeline --batch=128 --steps=20
+    python -m srem_jax.bench pipeline --batch=128 --steps=20 [--index_only]
 
 FLOPs are counted analytically (2 per multiply-add, matmuls only) for the
 formulation the code runs (`pair_flops`); a training step counts 3x its
@@ -312,9 +312,20 @@ def bench_eval(
 
 
 def bench_pipeline(
-  *, batch=128, caption_len=15, steps=20, num_workers=0, num_images=0, dims=None
+  *,
+  batch=128,
+  caption_len=15,
+  steps=20,
+  num_workers=0,
+  num_images=0,
+  dims=None,
+  index_only=False,
 ) -> dict:
-  """Times `pipeline.train_loader` over a synthetic prepared dataset in a temp dir."""
+  """Times `pipeline.train_loader` over a synthetic prepared dataset in a temp dir.
+
+  `index_only` times the loader of `data.features_on_device`, which yields
+  image indices instead of reading features.
+  """
   from srem_jax.data import pipeline, prepare, synthetic
 
   dims = dims or PAPER_DIMS
@@ -350,6 +361,7 @@ def bench_pipeline(
       caption_len=caption_len,
       seed=0,
       num_workers=num_workers,
+      with_images=not index_only,
     )
     try:
       batches = iter(loader)
@@ -359,10 +371,12 @@ def bench_pipeline(
       median_s, times = _median_time(lambda: next(batches), steps)
     finally:
       loader.close()
+  feature_bytes = 0 if index_only else batch * dims["num_regions"] * dims["img_dim"] * 4
   return {
     "bench": "pipeline",
     "batches_per_s": 1 / median_s,
-    "bytes_per_s": batch * dims["num_regions"] * dims["img_dim"] * 4 / median_s,
+    "bytes_per_s": feature_bytes / median_s,
+    "index_only": index_only,
     "batch_s": median_s,
     "mean_batch_s": statistics.fmean(times),
     "first_batch_s": first_s,
@@ -416,6 +430,11 @@ def _define_flags() -> dict:
       "remat", None, list(REMAT_MODES), "Rematerialisation (default: model's)."
     ),
     num_workers=flags.DEFINE_integer("num_workers", 0, "pipeline: grain workers."),
+    index_only=flags.DEFINE_bool(
+      "index_only",
+      False,
+      "pipeline: yield image indices only, as with data.features_on_device.",
+    ),
     tiny=flags.DEFINE_bool("tiny", False, "Tiny dims instead of the paper's."),
   )
 
@@ -465,7 +484,10 @@ def main(argv, flag_values) -> None:
     )
   else:
     result = bench_pipeline(
-      batch=values["batch"], num_workers=values["num_workers"], **common
+      batch=values["batch"],
+      num_workers=values["num_workers"],
+      index_only=values["index_only"],
+      **common,
     )
   result["load_average"] = os.getloadavg()
   print(json.dumps(result))

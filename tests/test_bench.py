@@ -58,6 +58,17 @@ def test_pipeline_bench_reads_batches_from_a_prepared_synthetic_split():
   result = bench.bench_pipeline(batch=4, caption_len=6, steps=2, dims=bench.TINY_DIMS)
   assert _finite_positive(result["batches_per_s"])
   assert result["shapes"]["num_images"] == 8
+  assert result["bytes_per_s"] == pytest.approx(
+    4 * 4 * 16 * 4 * result["batches_per_s"]
+  )
+
+
+def test_pipeline_bench_index_only_reads_no_features():
+  result = bench.bench_pipeline(
+    batch=4, caption_len=6, steps=2, dims=bench.TINY_DIMS, index_only=True
+  )
+  assert result["index_only"] and _finite_positive(result["batches_per_s"])
+  assert result["bytes_per_s"] == 0
 
 
 def test_command_line_rejects_a_missing_mode_in_one_line():
