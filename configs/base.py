@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_protocol = "full"  # full | coco (5 folds of 1K and the whole 5K)
   c.data.caption_len = 0  # static padded caption length; 0 = longest in the data
   c.data.num_workers = 0  # grain worker processes for training (0 = in process)
+  c.data.features_on_device = False  # keep training image features in device memory (model.dtype) and gather batches by index in the step
   # The embedded synthetic dataset (SPEC §7), generated into raw_dir when enabled.
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.enabled = False  # generate the dataset if raw_dir/<name> is missing

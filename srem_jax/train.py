@@ -9,6 +9,7 @@ best, resume from the workdir, stop cleanly on SIGTERM) → final test.
 
 import dataclasses
 import functools
+import math
 import signal
 from typing import Any
 
@@ -35,7 +36,7 @@ from srem_jax import (
 )
 from srem_jax.data import dataset, pipeline
 from srem_jax.errors import UserError
-from srem_jax.models.sgraf import SGRAF, build_model
+from srem_jax.models.sgraf import DTYPES, SGRAF, build_model
 from srem_jax.reporting import Progress, Reporter, recall_table
 
 # ---- state and optimizer ----------------------------------------------------
@@ -157,8 +158,21 @@ def loss_options(loss_cfg) -> dict:
   return {k: loss_cfg[k] for k in keys}
 
 
-def train_step(state, batch, clean, *, model, tx, loss_kw, warmup, mesh):
-  """One update; `clean` is an externally selected mask or None (static)."""
+def gather_images(features, img_index, mesh):
+  """Rows `img_index` of the resident features, sharded like a host batch."""
+  return jax.lax.with_sharding_constraint(
+    features[img_index], sharding.data_sharding(mesh)
+  )
+
+
+def train_step(state, batch, clean, features=None, *, model, tx, loss_kw, warmup, mesh):
+  """One update; `clean` is an externally selected mask or None (static).
+
+  With `features` (every training image, replicated) the batch carries no
+  `images`: they are gathered from it by `img_index`.
+  """
+  if features is not None:
+    batch = {**batch, "images": gather_images(features, batch["img_index"], mesh)}
   rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
@@ -180,15 +194,71 @@ def train_step(state, batch, clean, *, model, tx, loss_kw, warmup, mesh):
   return new_state, metrics
 
 
-def make_train_step(model, tx, loss_kw, mesh, *, warmup: bool, external_clean: bool):
+def make_train_step(
+  model,
+  tx,
+  loss_kw,
+  mesh,
+  *,
+  warmup: bool,
+  external_clean: bool,
+  features_on_device: bool = False,
+):
+  """jit of `train_step`: `(state, batch)`, or `(state, batch, features)`.
+
+  The features are an argument, not a captured constant, so they are neither
+  copied into the executable nor donated with the state.
+  """
   step = functools.partial(
     train_step, model=model, tx=tx, loss_kw=loss_kw, warmup=warmup, mesh=mesh
   )
-  if not external_clean:
-    fn = lambda state, batch: step(state, batch, None)
+
+  def clean(batch):
+    return batch["selected"] if external_clean else None
+
+  if features_on_device:
+    fn = lambda state, batch, features: step(state, batch, clean(batch), features)
   else:
-    fn = lambda state, batch: step(state, batch, batch["selected"])
+    fn = lambda state, batch: step(state, batch, clean(batch))
   return jax.jit(fn, out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
+
+
+# ---- training features in device memory --------------------------------------
+
+
+def features_on_device(config) -> bool:
+  value = config.data.features_on_device
+  if not isinstance(value, bool):
+    raise UserError(f"config data.features_on_device={value!r}: must be True or False")
+  return value
+
+
+def resident_features(split, mesh, model_dtype: str, log=print) -> jax.Array:
+  """Every image of `split` in one device array, replicated over `mesh`.
+
+  Stored in the model's matmul dtype: the image encoder's first layer casts
+  its input to that dtype anyway, so bfloat16 storage loses nothing.
+  """
+  dtype = np.dtype(DTYPES[model_dtype])
+  shape = (split.n_images, split.num_regions, split.feature_dim)
+  gib = math.prod(shape) * dtype.itemsize / 2**30
+  stats = mesh.local_devices[0].memory_stats()  # None on CPU
+  if stats and "bytes_limit" in stats:
+    free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) / 2**30
+    if gib > free:
+      raise UserError(
+        f"config data.features_on_device=True: the {split.split} features need "
+        f"{gib:.2f} GiB on every device but only {free:.2f} GiB are free; set it False"
+      )
+  host = split.all_images(dtype)
+  features = jax.make_array_from_callback(
+    shape, sharding.replicated(mesh), lambda index: host[index]
+  )
+  log(
+    f"training features on device: {shape} {dtype.name}, "
+    f"{gib:.2f} GiB on each of {mesh.size} devices"
+  )
+  return features
 
 
 # ---- the loop ---------------------------------------------------------------
@@ -245,6 +315,7 @@ class _Run:
   tx: optax.GradientTransformation
   ckpt: checkpoint.Checkpointer
   steps_per_epoch: int
+  features: jax.Array | None  # the training images, when kept on the devices
 
   @property
   def total_steps(self) -> int:
@@ -253,6 +324,7 @@ class _Run:
 
 def _open_run(config, workdir: str) -> _Run:
   config_checks.validate(config, jax.device_count())
+  on_device = features_on_device(config)
   mesh = sharding.make_mesh(config.mesh.data)
   report = Reporter(workdir)
   report.log(f"workdir: {paths.absolute(workdir)}")
@@ -270,12 +342,16 @@ def _open_run(config, workdir: str) -> _Run:
     seed=tcfg.seed,
     num_workers=config.data.num_workers,
     max_steps_per_epoch=tcfg.steps_per_epoch,
+    with_images=not on_device,
   )
   if loader.steps_per_epoch < 1:
     raise UserError(
       f"config train.batch_size={tcfg.batch_size} exceeds the "
       f"{data.train.n_captions} training captions"
     )
+  features = None
+  if on_device:
+    features = resident_features(data.train, mesh, config.model.dtype, report.log)
   return _Run(
     config=config,
     workdir=workdir,
@@ -287,6 +363,7 @@ def _open_run(config, workdir: str) -> _Run:
     tx=make_optimizer(tcfg, loader.steps_per_epoch),
     ckpt=checkpoint.Checkpointer(workdir),
     steps_per_epoch=loader.steps_per_epoch,
+    features=features,
   )
 
 
@@ -342,7 +419,13 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
     external = use_gmm and not warmup
     if (warmup, external) not in compiled:
       compiled[warmup, external] = make_train_step(
-        run.model, run.tx, loss_kw, run.mesh, warmup=warmup, external_clean=external
+        run.model,
+        run.tx,
+        loss_kw,
+        run.mesh,
+        warmup=warmup,
+        external_clean=external,
+        features_on_device=run.features is not None,
       )
     step_fn = compiled[warmup, external]
     sums = None
@@ -350,7 +433,8 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
       batch = next(iterator)
       if external:
         batch["selected"] = selection[batch["cap_index"]]
-      state, metrics = step_fn(state, sharding.global_batch(batch, run.mesh))
+      resident = () if run.features is None else (run.features,)
+      state, metrics = step_fn(state, sharding.global_batch(batch, run.mesh), *resident)
       step += 1
       metrics["steps"] = 1.0
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
