@@ -5,6 +5,8 @@ here it scores the clean-sample selection (precision, recall, selected
 fraction) and splits the energy and swapped entropy into truly clean and truly
 noisy means. `selection_sums` runs inside the jitted step; `epoch_summary`
 turns an epoch's accumulated sums into the numbers written to metrics.jsonl.
+`pair_values` and `PairCollector` keep every pair's values of an epoch for
+its histograms.
 
     sums = selection_sums(aux, batch["clean"])      # per step, on device
     summary = epoch_summary(accumulated_sums)       # per epoch, on the host
@@ -12,7 +14,9 @@ turns an epoch's accumulated sums into the numbers written to metrics.jsonl.
 
 import math
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from srem_jax.errors import UserError
 
@@ -31,6 +35,42 @@ def selection_sums(aux, truth_clean) -> dict:
     "entropy_clean": (aux["entropy"] * truth).sum(),
     "entropy_noisy": (aux["entropy"] * (1 - truth)).sum(),
   }
+
+
+def pair_values(aux, truth_clean) -> dict:
+  """Each pair's energy, swapped entropy and injected-noise truth, shape (K,)."""
+  return {
+    "energy": aux["energy"],
+    "entropy": aux["entropy"],
+    "truly_clean": truth_clean.astype(bool),
+  }
+
+
+class PairCollector:
+  """The `pair_values` of an epoch's steps, as host arrays at its end.
+
+  Steps hand in device arrays; `flush` moves them to the host where the loop
+  waits for the device anyway (its progress line), so collecting adds no
+  wait of its own and device memory holds at most the steps since the last.
+  """
+
+  def __init__(self):
+    self.pending, self.on_host = [], []
+
+  def add(self, pairs: dict) -> None:
+    self.pending.append(pairs)
+
+  def flush(self) -> None:
+    self.on_host.extend(jax.device_get(self.pending))
+    self.pending = []
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    """Every collected pair, in step order (at least one step was added)."""
+    self.flush()
+    return {
+      key: np.concatenate([np.asarray(p[key]) for p in self.on_host])
+      for key in self.on_host[0]
+    }
 
 
 def epoch_summary(sums: dict) -> dict:

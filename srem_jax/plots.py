@@ -4,9 +4,12 @@
 into `<workdir>/plots/`: are the loss terms going down (`loss.png`), is
 validation improving (`val_rsum.png`), does the clean-sample selection find
 the truly clean pairs (`selection.png`), and do energy and swapped entropy
-separate truly clean from truly noisy pairs (`energy_entropy.png`). Epochs of
+separate truly clean from truly noisy pairs (`energy_entropy.png` for the
+epoch means, `energy_entropy_hist.png` for every pair of the last epoch, from
+the `pairs_last_epoch.npz` that training writes with `save_pairs`). Epochs of
 warm-up are shaded. Missing keys only leave out their curves.
 
+    plots.save_pairs("workdirs/demo", 3, energy=e, entropy=h, truly_clean=c)
     plots.write_all("workdirs/demo")  # -> ["workdirs/demo/plots/loss.png", ...]
     print(plots.summary_table("workdirs/demo"))
 """
@@ -25,6 +28,7 @@ from srem_jax import paths
 
 LOSS_KEYS = ("loss", "loss_clean", "loss_cmbcl")
 SELECTION_KEYS = ("selection_precision", "selection_recall", "selected_frac")
+PAIRS_FILE = "pairs_last_epoch.npz"
 
 
 def as_float(value) -> float:
@@ -66,16 +70,58 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
   return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def write_atomically(path, data: bytes) -> str:
+  """Writes through a temporary name so a reader never opens half a file."""
+  path = epath.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_bytes(data)
+  tmp.replace(path)
+  return str(path)
+
+
 def save_figure(fig: Figure, path) -> str:
-  """Writes through a temporary name so a viewer never opens half a PNG."""
   FigureCanvasAgg(fig)
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=100)
-  path = epath.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_bytes(png.getvalue())
-  tmp.replace(path)
-  return str(path)
+  return write_atomically(path, png.getvalue())
+
+
+def save_pairs(workdir, epoch: int, *, energy, entropy, truly_clean) -> str:
+  """Every training pair's energy, swapped entropy and injected-noise truth
+  at `epoch` into `<workdir>/plots/pairs_last_epoch.npz`, replacing the
+  previous epoch's."""
+  out_dir = paths.as_path(workdir) / "plots"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  npz = io.BytesIO()
+  np.savez(
+    npz,
+    energy=np.asarray(energy, np.float32),
+    entropy=np.asarray(entropy, np.float32),
+    truly_clean=np.asarray(truly_clean, bool),
+    epoch=np.asarray(epoch, np.int64),
+  )
+  return write_atomically(out_dir / PAIRS_FILE, npz.getvalue())
+
+
+def pair_histograms(path, pairs_path) -> str | None:
+  """Energy and swapped-entropy histograms, truly clean vs truly noisy, of
+  the pairs a `save_pairs` file holds; a noise-free run has one group."""
+  with np.load(io.BytesIO(epath.Path(pairs_path).read_bytes())) as saved:
+    pairs = {key: saved[key] for key in saved.files}
+  truth = pairs["truly_clean"]
+  panels = [
+    (
+      title,
+      title,
+      {"truly clean": pairs[key][truth], "truly noisy": pairs[key][~truth]},
+    )
+    for title, key in (("energy", "energy"), ("swapped entropy", "entropy"))
+  ]
+  return histogram_panels(
+    path,
+    f"epoch {int(pairs['epoch'])}: every training pair, truly clean vs truly noisy",
+    panels,
+  )
 
 
 def line_panels(path, title: str, panels: list, shade_until: int = 0) -> str | None:
@@ -106,17 +152,21 @@ def line_panels(path, title: str, panels: list, shade_until: int = 0) -> str | N
   return save_figure(fig, path)
 
 
+def _finite(values) -> np.ndarray:
+  values = np.asarray(values, np.float64)
+  return values[np.isfinite(values)]
+
+
 def histogram_panels(path, title: str, panels: list, bins: int = 40) -> str | None:
   """Side-by-side panels of overlaid, density-normalised histograms.
 
   `panels` is a list of (panel title, x label, {group label: values}); the
   groups of a panel share bin edges so their shapes compare directly.
-  Returns None, writing nothing, when every group is empty.
+  Non-finite values are left out (they have no bin). Returns None, writing
+  nothing, when every group is empty.
   """
-  panels = [
-    (t, x, {k: np.asarray(v, np.float64) for k, v in groups.items() if len(v)})
-    for t, x, groups in panels
-  ]
+  panels = [(t, x, {k: _finite(v) for k, v in g.items()}) for t, x, g in panels]
+  panels = [(t, x, {k: v for k, v in g.items() if v.size}) for t, x, g in panels]
   panels = [p for p in panels if p[2]]
   if not panels:
     return None
@@ -187,6 +237,10 @@ def write_all(workdir: str) -> list[str]:
       warm,
     ),
   ]
+  if (out_dir / PAIRS_FILE).exists():
+    written.append(
+      pair_histograms(out("energy_entropy_hist.png"), out_dir / PAIRS_FILE)
+    )
   return [p for p in written if p]
 
 

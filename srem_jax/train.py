@@ -165,11 +165,15 @@ def gather_images(features, img_index, mesh):
   )
 
 
+PAIRS = "pairs"
+
+
 def train_step(state, batch, clean, features=None, *, model, tx, loss_kw, warmup, mesh):
   """One update; `clean` is an externally selected mask or None (static).
 
   With `features` (every training image, replicated) the batch carries no
-  `images`: they are gathered from it by `img_index`.
+  `images`: they are gathered from it by `img_index`. `metrics[PAIRS]` holds
+  each pair's energy, swapped entropy and truth, to be kept, not summed.
   """
   if features is not None:
     batch = {**batch, "images": gather_images(features, batch["img_index"], mesh)}
@@ -191,6 +195,7 @@ def train_step(state, batch, clean, features=None, *, model, tx, loss_kw, warmup
   metrics = {k: aux[k] for k in ("loss", "loss_clean", "loss_cmbcl", "clean_frac")}
   metrics["grad_norm"] = optax.global_norm(grads)
   metrics.update(diagnostics.selection_sums(aux, batch["clean"]))
+  metrics[PAIRS] = diagnostics.pair_values(aux, batch["clean"])
   return new_state, metrics
 
 
@@ -207,7 +212,9 @@ def make_train_step(
   """jit of `train_step`: `(state, batch)`, or `(state, batch, features)`.
 
   The features are an argument, not a captured constant, so they are neither
-  copied into the executable nor donated with the state.
+  copied into the executable nor donated with the state. Every output is
+  replicated, the per-pair values too (a few bytes per pair), so process 0
+  reads all of them without a collective of its own.
   """
   step = functools.partial(
     train_step, model=model, tx=tx, loss_kw=loss_kw, warmup=warmup, mesh=mesh
@@ -428,7 +435,7 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
         features_on_device=run.features is not None,
       )
     step_fn = compiled[warmup, external]
-    sums = None
+    sums, pairs = None, diagnostics.PairCollector()
     while step < (epoch + 1) * spe:
       batch = next(iterator)
       if external:
@@ -436,11 +443,16 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
       resident = () if run.features is None else (run.features,)
       state, metrics = step_fn(state, sharding.global_batch(batch, run.mesh), *resident)
       step += 1
+      step_pairs = metrics.pop(PAIRS)
+      if report.is_main:
+        pairs.add(step_pairs)
       metrics["steps"] = 1.0
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
       if step % tcfg.log_every_steps == 0 or step % spe == 0:
         summary = diagnostics.epoch_summary(sums)
         diagnostics.check_finite(summary, step, ckpt.latest_dir)
+        if report.is_main:
+          pairs.flush()
         report.log(
           f"epoch {epoch + 1}/{tcfg.epochs}{' (warm-up)' if warmup else ''} "
           f"{progress.line(step)} | loss {summary['loss']:.4f} "
@@ -474,6 +486,7 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
       report.write(epoch_record)
     tensorboard.log_epoch(events, records)
     if report.is_main:
+      plots.save_pairs(run.workdir, epoch + 1, **pairs.arrays())
       plots.write_all(run.workdir)
     record["epoch"] = epoch + 1
     improved = val["rsum"] > record["best_rsum"]

@@ -131,3 +131,35 @@ def test_histograms_share_bins_and_skip_empty_groups(tmp_path):
   empty = [("energy", "energy", {"clean": [], "noisy": []})]
   assert plots.histogram_panels(tmp_path / "none.png", "t", empty) is None
   assert not (tmp_path / "none.png").exists()
+
+
+def test_last_epoch_pairs_are_saved_and_drawn_as_histograms(tmp_path):
+  write_metrics(tmp_path, [train_record(1, True, 0.6, 1.0), val_record(1, 100.0)])
+  without = {p.rsplit("/", 1)[1] for p in plots.write_all(str(tmp_path))}
+  rng = np.random.default_rng(1)
+  truth = np.arange(300) % 3 > 0
+  energy = np.where(truth, -4.0, -2.0) + rng.normal(0, 0.5, 300)
+  entropy = np.where(truth, 0.2, 0.8) + rng.normal(0, 0.1, 300)
+  saved = plots.save_pairs(
+    str(tmp_path), 7, energy=energy, entropy=entropy, truly_clean=truth
+  )
+  assert saved == str(tmp_path / "plots" / "pairs_last_epoch.npz")
+  with np.load(saved) as pairs:
+    assert int(pairs["epoch"]) == 7 and pairs["truly_clean"].dtype == bool
+    np.testing.assert_array_equal(pairs["truly_clean"], truth)
+    np.testing.assert_allclose(pairs["energy"], energy, rtol=1e-6)
+    np.testing.assert_allclose(pairs["entropy"], entropy, rtol=1e-6)
+  with_pairs = {p.rsplit("/", 1)[1] for p in plots.write_all(str(tmp_path))}
+  assert with_pairs - without == {"energy_entropy_hist.png"}
+  hist = tmp_path / "plots" / "energy_entropy_hist.png"
+  assert png_size(hist) == (1000, 360)  # energy and swapped entropy panels
+  assert len(hist.read_bytes()) > 10_000
+  assert not list((tmp_path / "plots").glob("*.tmp*"))
+
+
+def test_histograms_leave_out_non_finite_values(tmp_path):
+  values = np.array([0.1, 0.4, np.nan, np.inf, 0.3])
+  panels = [("entropy", "entropy", {"clean": values, "noisy": [np.nan]})]
+  assert png_size(plots.histogram_panels(tmp_path / "h.png", "t", panels)) == (500, 360)
+  only_nan = [("entropy", "entropy", {"noisy": [np.nan, -np.inf]})]
+  assert plots.histogram_panels(tmp_path / "none.png", "t", only_nan) is None

@@ -88,6 +88,64 @@ def test_pair_scoring_is_split_across_devices():
   assert flops[8] < 0.25 * flops[1], flops
 
 
+def reference_pair_values(S, tau, temp):
+  """Energy and swapped entropy of SPEC §3 in float64 NumPy."""
+  S = np.asarray(S, np.float64)
+
+  def log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+  def row_energy(z):
+    m = (z / temp).max(axis=1)
+    return -temp * (m + np.log(np.exp(z / temp - m[:, None]).sum(axis=1)))
+
+  z_i2t, z_t2i = S / tau, S.T / tau
+  log_i2t, log_t2i = log_softmax(z_i2t), log_softmax(z_t2i)
+  energy = 0.5 * (row_energy(z_i2t) + row_energy(z_t2i))
+  entropy = -0.5 * (
+    (np.exp(log_i2t) * log_t2i).sum(axis=1) + (np.exp(log_t2i) * log_i2t).sum(axis=1)
+  )
+  return energy, entropy
+
+
+def test_step_returns_each_pairs_energy_entropy_and_truth():
+  mesh = sharding.make_mesh(-1)
+  model = build_model(tiny.model_config("sgr", img_dim=D), VOCAB)
+  tx = optax.sgd(0.05)
+  state = train.init_state(
+    model, tx, seed=0, num_regions=R, img_dim=D, caption_len=L, mesh=mesh
+  )
+  loss_kw = tiny.loss_options()
+  host = batch(3)
+  inputs = sharding.global_batch(host, mesh)
+  # The step scores the batch with dropout drawn from fold_in(rng, step).
+  scores, _ = jax.jit(
+    lambda s, b: train.batch_scores(
+      model,
+      s.params,
+      s.batch_stats,
+      b,
+      train=True,
+      rng=jax.random.fold_in(s.rng, s.step),
+      mesh=mesh,
+    )
+  )(state, inputs)
+  energy, entropy = reference_pair_values(
+    scores, loss_kw["tau"], loss_kw["energy_temp"]
+  )
+  step = train.make_train_step(
+    model, tx, loss_kw, mesh, warmup=False, external_clean=False
+  )
+  _, metrics = step(state, inputs)
+  pairs = jax.device_get(metrics[train.PAIRS])
+  chex.assert_shape([pairs["energy"], pairs["entropy"], pairs["truly_clean"]], (K,))
+  np.testing.assert_allclose(pairs["energy"], energy, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(pairs["entropy"], entropy, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(pairs["truly_clean"], host["clean"])
+  assert np.ptp(energy) > 1e-3 and np.ptp(entropy) > 1e-3  # not a constant
+
+
 def test_learning_rate_steps_down():
   cfg = ml_collections.ConfigDict(
     dict(lr=2e-4, lr_decay_epochs=3, lr_decay_factor=0.1, grad_clip=2.0)
