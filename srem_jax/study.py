@@ -8,12 +8,13 @@ and a half-finished one resumes, so an interrupted study is finished by
 rerunning the same command. The summary is `<out>/study.md` (a table of
 mean ± standard deviation over seeds) with PNG figures beside it.
 
-The default (240 synthetic training images x 5 captions, 6 epochs, 22 runs,
-1 seed; each run about a minute) takes about half an hour on 2 CPU cores. At
-these sizes the model is still far from converged: scale up with
+The default (600 synthetic training images x 5 captions, 10 epochs, 22 runs,
+1 seed, 2 runs at a time) takes about half an hour on 2 CPU cores; with fewer
+images or epochs the model does not get past its initial plateau, and at
+60-80% noise even 10 epochs are not enough (see docs/study/). Scale up with
 --num_train/--epochs (or any --config.a.b=v) when there is time:
 
-    python -m srem_jax.study --out=studies/noise [--seeds=3] \
+    python -m srem_jax.study --out=studies/noise [--seeds=3] [--jobs=2] \
         [--ratios=0,0.2,0.4,0.6,0.8] [--methods=srem,ccl] [--epochs=10]
 """
 
@@ -22,6 +23,7 @@ import dataclasses
 import datetime
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import sys
@@ -116,22 +118,62 @@ def _check_same_data(out_dir: str, base) -> None:
 # ---- running ----------------------------------------------------------------
 
 
-def run_all(base, out_dir: str, settings: list[Setting], seeds: list[int]) -> None:
-  """Trains every (setting, seed) that has not finished yet."""
+def _train_one(config, workdir: str, log_path: str | None, cache_dir: str | None):
+  """One run; in a worker process its output goes to `log_path`."""
+  if log_path is not None:
+    log = open(log_path, "a", buffering=1)
+    os.dup2(log.fileno(), 1)  # the C++ side (XLA warnings) writes to fd 1/2 too
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+  if cache_dir is not None:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+  results = train.train_and_evaluate(config, workdir)
+  return results["test"].get("rsum", math.nan)
+
+
+def run_all(
+  base, out_dir: str, settings: list[Setting], seeds: list[int], jobs: int = 1
+) -> None:
+  """Trains every (setting, seed) that has not finished yet, `jobs` at a time.
+
+  With jobs > 1 each run trains in its own fresh process (spawned, not forked:
+  JAX does not survive a fork) and logs to `<out>/runs/<name>.log`.
+  """
   _check_same_data(out_dir, base)
   data_dir = os.path.join(out_dir, "data")
-  jobs = [(s, seed) for s in settings for seed in seeds]
-  for index, (setting, seed) in enumerate(jobs, 1):
-    workdir = os.path.join(out_dir, "runs", setting.run_name(seed))
-    done = os.path.isfile(os.path.join(workdir, "results.json"))
-    print(
-      f"[{index}/{len(jobs)}] {setting.label} {setting.method} seed {seed}: "
-      f"{'finished, skipped' if done else workdir}",
-      flush=True,
-    )
-    if not done:
-      train.train_and_evaluate(run_config(base, setting, seed, data_dir), workdir)
+  todo = []
+  for setting in settings:
+    for seed in seeds:
+      workdir = os.path.join(out_dir, "runs", setting.run_name(seed))
+      if os.path.isfile(os.path.join(workdir, "results.json")):
+        print(f"{setting.label} {setting.method} seed {seed}: finished, skipped")
+      else:
+        todo.append((run_config(base, setting, seed, data_dir), workdir))
+  if not todo:
+    return
+  if jobs == 1:
+    for index, (config, workdir) in enumerate(todo, 1):
+      print(f"[{index}/{len(todo)}] {workdir}", flush=True)
+      _train_one(config, workdir, None, None)
       jax.clear_caches()  # each run compiles its own steps; keep memory flat
+    return
+  # Generated and prepared once here, so parallel runs never race to write it.
+  dataset.ensure_prepared(todo[0][0].data, log=print)
+  os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+  cache_dir = jax.config.jax_compilation_cache_dir
+  context = multiprocessing.get_context("spawn")
+  with context.Pool(jobs, maxtasksperchild=1) as pool:
+    pending = [
+      (
+        workdir,
+        pool.apply_async(_train_one, (config, workdir, workdir + ".log", cache_dir)),
+      )
+      for config, workdir in todo
+    ]
+    print(f"{len(todo)} runs, {jobs} at a time; logs in <run>.log", flush=True)
+    for index, (workdir, result) in enumerate(pending, 1):
+      rsum = result.get()  # re-raises a run's error here, naming its log
+      print(f"[{index}/{len(todo)}] {workdir}: test rSum {rsum:.1f}", flush=True)
 
 
 # ---- summarising --------------------------------------------------------------
@@ -373,8 +415,8 @@ def write_report(out_dir, base, settings, seeds, command: str, energy_ratio=0.6)
   return path
 
 
-def run_study(base, out_dir: str, settings, seeds, command: str) -> str:
-  run_all(base, out_dir, settings, seeds)
+def run_study(base, out_dir: str, settings, seeds, command: str, jobs: int = 1) -> str:
+  run_all(base, out_dir, settings, seeds, jobs)
   return write_report(out_dir, base, settings, seeds, command)
 
 
@@ -398,9 +440,12 @@ _ABLATION_RATIO = flags.DEFINE_float(
   "ablation_ratio", 0.6, "Caption noise of ablations."
 )
 _EPOCHS = flags.DEFINE_integer(
-  "epochs", 6, "Epochs per run; warm-up and LR decay start at 60% of them."
+  "epochs", 10, "Epochs per run; warm-up and LR decay start at 60% of them."
 )
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 240, "Synthetic training images.")
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 600, "Synthetic training images.")
+_JOBS = flags.DEFINE_integer(
+  "jobs", 2, "Runs trained at once, each in its own process (2 suits 2 cores)."
+)
 
 
 def _ratios(flag) -> list[float]:
@@ -423,8 +468,8 @@ def main(argv):
   unknown = sorted(set(_METHODS.value) - set(METHODS))
   if unknown or not _METHODS.value:
     raise UserError(f"--methods: expected some of {', '.join(METHODS)}, got {unknown}")
-  if _SEEDS.value < 1 or _EPOCHS.value < 1 or _NUM_TRAIN.value < 1:
-    raise UserError("--seeds, --epochs and --num_train must be at least 1")
+  if min(_SEEDS.value, _EPOCHS.value, _NUM_TRAIN.value, _JOBS.value) < 1:
+    raise UserError("--seeds, --epochs, --num_train and --jobs must be at least 1")
   if not 0 <= _ABLATION_RATIO.value < 1:
     raise UserError(
       f"--ablation_ratio: expected a ratio in [0, 1), got {_ABLATION_RATIO.value}"
@@ -445,7 +490,8 @@ def main(argv):
     "jax_compilation_cache_dir", os.path.abspath(os.path.join(_OUT.value, "jax_cache"))
   )
   command = "python -m srem_jax.study " + shlex.join(sys.argv[1:])
-  path = run_study(base, _OUT.value, settings, list(range(_SEEDS.value)), command)
+  seeds = list(range(_SEEDS.value))
+  path = run_study(base, _OUT.value, settings, seeds, command, _JOBS.value)
   print(f"study written to {path}", flush=True)
 
 

@@ -112,6 +112,7 @@ def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
     "--methods=srem",
     "--image_ratios=",
     "--noablations",
+    "--jobs=2",
     *TINY_FLAGS,
   ]
   result = run_command(args, tmp_path)
@@ -124,6 +125,8 @@ def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
     [" caption 0% ", " srem "],
     [" caption 60% ", " srem "],
   ]
+  for run in ("caption0_srem_s0", "caption0.6_srem_s0"):  # run in worker processes
+    assert "val rSum" in (out / "runs" / f"{run}.log").read_text()
   for row, run in zip(rows, ("caption0_srem_s0", "caption0.6_srem_s0")):
     saved = json.loads((out / "runs" / run / "results.json").read_text())
     assert float(row.split("|")[3]) == round(saved["test"]["rsum"], 1)
