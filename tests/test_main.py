@@ -94,6 +94,16 @@ def test_outputs_of_a_run(full_run):
   assert records[0]["selected_frac"] == 1.0
   assert records[0]["selection_recall"] == 1.0
   assert (workdir / "best").is_dir() and (workdir / "checkpoints").is_dir()
+  assert (workdir / "plots" / "energy_entropy_hist.png").is_file()
+  with np.load(workdir / "plots" / "pairs_last_epoch.npz") as pairs:
+    assert int(pairs["epoch"]) == 2
+    steps = train_record["step"] - records[0]["step"]
+    assert pairs["energy"].shape == (steps * 16,)  # every pair of the epoch
+    truth = pairs["truly_clean"]
+    for key in ("energy", "entropy"):
+      for group, rows in (("clean", truth), ("noisy", ~truth)):
+        mean = pairs[key][rows].mean()
+        assert mean == pytest.approx(train_record[f"{key}_{group}"], rel=1e-4)
   # Validation of epoch 2 and the final test reused epoch 1's compiled functions.
   assert evaluate._eval_functions.cache_info().hits >= 2
 
