@@ -359,7 +359,7 @@ def pair_histogram_figure(path, out_dir, base, setting, seed) -> str | None:
   )
 
 
-def write_report(out_dir, base, settings, seeds, command: str, energy_ratio=0.6) -> str:
+def write_report(out_dir, base, settings, seeds, command: str, energy_ratio=0.4) -> str:
   """Writes study.md and its figures from the finished runs; returns its path."""
   runs = {
     (s, seed): load_run(os.path.join(out_dir, "runs", s.run_name(seed)))
