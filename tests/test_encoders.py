@@ -11,6 +11,7 @@ from srem_jax.models.encoders import (
   TorchBatchNorm,
   dense,
   l2_normalize,
+  matmul,
 )
 
 LENGTHS = np.array([6, 3, 1, 4])
@@ -171,3 +172,90 @@ def test_batch_norm_matches_torch_train_and_eval(shape, channel_axis):
 def test_l2_normalize_keeps_zero_vectors_zero():
   x = np.array([[3.0, 4.0], [0.0, 0.0]])
   np.testing.assert_allclose(l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]], atol=1e-7)
+
+
+# ---- bfloat16 matmuls ---------------------------------------------------------
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
+  """(lhs, rhs, output) dtypes of every dot_general in a jaxpr and its sub-jaxprs."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(tuple(str(v.aval.dtype) for v in (*eqn.invars, *eqn.outvars)))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found += _dot_operand_dtypes(inner)
+  return found
+
+
+@pytest.mark.parametrize(
+  "spec",
+  [
+    "ij,jk->ik",
+    "nre,cle->ncrl",
+    "ncij,ncjs->ncis",
+    "ncrl,nre->ncle",
+    "mli,ig->mlg",
+    "dmh,dhg->dmg",
+    "ji,kj->ik",
+  ],
+)
+def test_bf16_matmul_backward_runs_in_bf16_and_matches_float64(spec):
+  rng = np.random.default_rng(0)
+  sizes = dict(i=5, j=7, k=3, n=2, r=4, e=6, c=3, l=5, s=4, m=3, g=6, d=2, h=4)
+  shape = lambda term: tuple(sizes[ch] for ch in term)
+  ins, out = spec.split("->")
+  a_spec, b_spec = ins.split(",")
+  a = rng.normal(size=shape(a_spec)).astype(np.float32)
+  b = rng.normal(size=shape(b_spec)).astype(np.float32)
+  w = rng.normal(size=shape(out)).astype(np.float32)
+
+  def loss(a, b, mm):
+    return jnp.sum(w * mm(spec, a, b))
+
+  bf16 = lambda s, x, y: matmul(s, x, y, jnp.bfloat16)
+  plain = lambda s, x, y: jnp.einsum(
+    s,
+    x.astype(jnp.bfloat16),
+    y.astype(jnp.bfloat16),
+    preferred_element_type=jnp.float32,
+  )
+  # Same forward as a plain bf16 einsum with float32 output.
+  np.testing.assert_array_equal(bf16(spec, a, b), plain(spec, a, b))
+  # Gradients against float64 on the bf16-rounded operands: the only extra
+  # rounding is the cotangent's and the products' bf16 outputs.
+  round16 = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+  a64, b64 = round16(a), round16(b)
+  ga, gb = jax.grad(loss, argnums=(0, 1))(a, b, bf16)
+  ref_a = np.einsum(f"{out},{b_spec}->{a_spec}", round16(w), b64)
+  ref_b = np.einsum(f"{out},{a_spec}->{b_spec}", round16(w), a64)
+  for got, ref in ((ga, ref_a), (gb, ref_b)):
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, atol=2e-2 * scale)
+  # Every backward product has bf16 operands; plain autodiff promotes to f32.
+  grad_jaxpr = lambda mm: (
+    jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(a, b, mm).jaxpr
+  )
+  ours = _dot_operand_dtypes(grad_jaxpr(bf16))
+  assert ours == [("bfloat16", "bfloat16", "float32")] * 3, ours
+  # ... and accumulates in float32: the gradients equal a float32 computation
+  # of the same bf16-rounded cotangent and operands.
+  w16 = round16(w).astype(np.float32)
+  a32, b32 = a64.astype(np.float32), b64.astype(np.float32)
+  want_a, want_b = jax.vjp(lambda x, y: jnp.einsum(spec, x, y), a32, b32)[1](w16)
+  np.testing.assert_allclose(round16(ga), round16(want_a), rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(round16(gb), round16(want_b), rtol=1e-2, atol=1e-2)
+  theirs = _dot_operand_dtypes(grad_jaxpr(plain))
+  assert any("float32" in d for d in theirs), theirs
+
+
+def test_float32_matmul_is_the_plain_einsum():
+  rng = np.random.default_rng(1)
+  a, b = rng.normal(size=(4, 6)), rng.normal(size=(6, 3))
+  a, b = a.astype(np.float32), b.astype(np.float32)
+  got = jax.grad(lambda x: jnp.sum(matmul("ij,jk->ik", x, b, jnp.float32) ** 2))(a)
+  want = jax.grad(lambda x: jnp.sum(jnp.einsum("ij,jk->ik", x, b) ** 2))(a)
+  np.testing.assert_allclose(got, want, rtol=1e-6)

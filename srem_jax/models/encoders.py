@@ -23,6 +23,89 @@ TORCH_BN_MOMENTUM = 0.1  # PyTorch's convention: new = (1 - m) * old + m * batch
 TORCH_BN_EPS = 1e-5
 
 
+def _freeze(dims):
+  return tuple(tuple(tuple(int(i) for i in axes) for axes in pair) for pair in dims)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _low_precision_dot(lhs, rhs, dims, precision):
+  return jax.lax.dot_general(
+    lhs, rhs, dims, precision, preferred_element_type=jnp.float32
+  )
+
+
+def _low_precision_dot_fwd(lhs, rhs, dims, precision):
+  return _low_precision_dot(lhs, rhs, dims, precision), (lhs, rhs)
+
+
+def _transposed_product(g, target, other, dims, precision, target_is_lhs: bool):
+  """Cotangent of `target`, one operand of a dot_general with dimension numbers
+  `dims` whose output cotangent is `g`: g contracted with `other`, with float32
+  accumulation and output, laid out like `target`."""
+  (tc, oc), (tb, ob) = dims
+  if not target_is_lhs:
+    tc, oc, tb, ob = oc, tc, ob, tb
+  target_kept = [a for a in range(target.ndim) if a not in tc and a not in tb]
+  other_kept = [a for a in range(other.ndim) if a not in oc and a not in ob]
+  # g's axes: batch, then the lhs's kept axes, then the rhs's kept axes.
+  n_batch = len(tb)
+  offset = n_batch + (len(target_kept) if target_is_lhs else 0)
+  g_other_kept = [offset + i for i in range(len(other_kept))]
+  out = jax.lax.dot_general(
+    g,
+    other,
+    ((g_other_kept, other_kept), (list(range(n_batch)), list(ob))),
+    precision,
+    preferred_element_type=jnp.float32,
+  )
+  # out's axes: batch, target's kept axes, then other's contracted axes in
+  # ascending order, each standing for the target axis it was paired with.
+  order = list(tb) + target_kept + [tc[list(oc).index(a)] for a in sorted(oc)]
+  return jnp.transpose(out, [order.index(a) for a in range(target.ndim)])
+
+
+def _low_precision_dot_bwd(dims, precision, residuals, g):
+  # Plain autodiff would multiply the float32 cotangent with the bfloat16
+  # operands, promoting both backward products to float32 (no bf16 units).
+  # Rounding the cotangent to bf16 keeps them bf16 x bf16, accumulated in
+  # float32, as mixed-precision training does.
+  lhs, rhs = residuals
+  g = g.astype(lhs.dtype)
+  d_lhs = _transposed_product(g, lhs, rhs, dims, precision, target_is_lhs=True)
+  d_rhs = _transposed_product(g, rhs, lhs, dims, precision, target_is_lhs=False)
+  return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
+
+
+_low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
+
+
+def low_precision_dot_general(
+  lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_
+):
+  """`lax.dot_general` on bfloat16 operands with float32 output whose backward
+  products also run in bfloat16 (the cotangent is rounded to bfloat16)."""
+  return _low_precision_dot(lhs, rhs, _freeze(dimension_numbers), precision)
+
+
+def dot_general_for(dtype: Any):
+  """The dot_general every matmul of the model uses for matmul dtype `dtype`:
+  float32 output always; bfloat16 backward products when `dtype` is bf16."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+  return low_precision_dot_general
+
+
+def matmul(spec: str, a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
+  """`einsum(spec, a, b)` with both operands cast to `dtype`, float32 output."""
+  return jnp.einsum(
+    spec,
+    a.astype(dtype),
+    b.astype(dtype),
+    preferred_element_type=jnp.float32,
+    _dot_general=dot_general_for(dtype),
+  )
+
+
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   """x / (||x||_2 + 1e-8), the reference's `l2norm` (eps outside the root).
 
@@ -44,15 +127,13 @@ def dense(features: int, dtype: Any, name: str) -> nn.Dense:
   """Linear layer initialised like the reference: U(+-sqrt(6/(in+out))), bias 0.
 
   Inputs and kernel are cast to `dtype`; products accumulate and come out in
-  float32.
+  float32 (see `dot_general_for` for the backward pass under bfloat16).
   """
   return nn.Dense(
     features,
     dtype=dtype,
     param_dtype=jnp.float32,
-    dot_general=functools.partial(
-      jax.lax.dot_general, preferred_element_type=jnp.float32
-    ),
+    dot_general=dot_general_for(dtype),
     kernel_init=nn.initializers.xavier_uniform(),
     bias_init=nn.initializers.zeros,
     name=name,
@@ -157,15 +238,7 @@ class BiGRU(nn.Module):
 
     input_kernel = jnp.concatenate([fwd["input_kernel"], bwd["input_kernel"]], -1)
     input_bias = jnp.concatenate([fwd["input_bias"], bwd["input_bias"]])
-    projected = (
-      jnp.einsum(
-        "mli,ig->mlg",
-        x.astype(self.dtype),
-        input_kernel.astype(self.dtype),
-        preferred_element_type=jnp.float32,
-      )
-      + input_bias
-    )
+    projected = matmul("mli,ig->mlg", x, input_kernel, self.dtype) + input_bias
     proj_fwd, proj_bwd = jnp.split(projected, 2, axis=-1)
     proj_bwd = jnp.take_along_axis(proj_bwd, reverse_index[..., None], axis=1)
 
@@ -175,13 +248,7 @@ class BiGRU(nn.Module):
     def step(h, inputs):
       gates_x, valid = inputs  # (2, M, 3H), (M,)
       gates_h = (
-        jnp.einsum(
-          "dmh,dhg->dmg",
-          h.astype(self.dtype),
-          hidden_kernel.astype(self.dtype),
-          preferred_element_type=jnp.float32,
-        )
-        + hidden_bias[:, None, :]
+        matmul("dmh,dhg->dmg", h, hidden_kernel, self.dtype) + hidden_bias[:, None, :]
       )
       xr, xz, xn = jnp.split(gates_x, 3, axis=-1)
       hr, hz, hn = jnp.split(gates_h, 3, axis=-1)

@@ -46,6 +46,7 @@ from srem_jax.models.encoders import (
   dense,
   l1_normalize,
   l2_normalize,
+  matmul,
 )
 
 # What a caption chunk keeps for the backward pass: everything ("none"),
@@ -66,12 +67,6 @@ def masked_softmax(logits: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Ar
   logits = jnp.asarray(logits)
   logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
   return jax.nn.softmax(logits, axis=axis) * mask
-
-
-def _matmul(spec: str, a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
-  return jnp.einsum(
-    spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32
-  )
 
 
 class VisualSA(nn.Module):
@@ -143,7 +138,7 @@ class DenseParams(nn.Module):
 
 
 def _linear(x, kernel, bias, dtype):
-  return _matmul("...i,io->...o", x, kernel, dtype) + bias
+  return matmul("...i,io->...o", x, kernel, dtype) + bias
 
 
 class GraphReasoning(nn.Module):
@@ -173,20 +168,20 @@ class GraphReasoning(nn.Module):
     edge_mask = node_mask[None, :, None, :]
     if self.only_first:
       query = _linear(nodes[:, :, :1], bilinear, key_bias, self.dtype)
-      logits = _matmul("ncis,ncjs->ncij", query, nodes, self.dtype)
+      logits = matmul("ncis,ncjs->ncij", query, nodes, self.dtype)
       edges = masked_softmax(logits, edge_mask, axis=-1)
-      gathered = _matmul("ncij,ncjs->ncis", edges, nodes, self.dtype)
+      gathered = matmul("ncij,ncjs->ncis", edges, nodes, self.dtype)
       return nn.relu(_linear(gathered[:, :, 0], graph_kernel, graph_bias, self.dtype))
-    projected = _matmul(
+    projected = matmul(
       "ncjs,st->ncjt",
       nodes,
       jnp.concatenate([bilinear, graph_kernel], axis=1),
       self.dtype,
     )
     query, values = jnp.split(projected, 2, axis=-1)
-    logits = _matmul("ncis,ncjs->ncij", query + key_bias, nodes, self.dtype)
+    logits = matmul("ncis,ncjs->ncij", query + key_bias, nodes, self.dtype)
     edges = masked_softmax(logits, edge_mask, axis=-1)
-    return nn.relu(_matmul("ncij,ncjs->ncis", edges, values, self.dtype) + graph_bias)
+    return nn.relu(matmul("ncij,ncjs->ncis", edges, values, self.dtype) + graph_bias)
 
 
 class PairHead(nn.Module):
@@ -209,10 +204,10 @@ class PairHead(nn.Module):
     local, img_glob, saf_running = image
     # SCAN attention: regions attend to words, normalised per region over the
     # caption's real words, then a smoothed softmax over regions per word.
-    attn = _matmul("nre,cle->ncrl", local, words, self.dtype)
+    attn = matmul("nre,cle->ncrl", local, words, self.dtype)
     attn = jax.nn.leaky_relu(attn, 0.1) * mask[None, :, None, :]
     attn = jax.nn.softmax(self.smooth * l2_normalize(attn), axis=2)
-    context = l2_normalize(_matmul("ncrl,nre->ncle", attn, local, self.dtype))
+    context = l2_normalize(matmul("ncrl,nre->ncle", attn, local, self.dtype))
     local_sim = jnp.square(context - words[None])
     local_nodes = dense(self.sim_dim, self.dtype, "sim_tranloc_w")(local_sim)
     global_sim = jnp.square(img_glob[:, None] - cap_glob[None])
@@ -270,7 +265,7 @@ class AttentionFiltration(nn.Module):
       )
     normed = (logits - mean[:, None]) * jax.lax.rsqrt(var[:, None] + TORCH_BN_EPS)
     weights = l1_normalize(jax.nn.sigmoid(normed * scale + bias) * real)
-    pooled = _matmul("ncj,ncjs->ncs", weights, nodes, self.dtype)
+    pooled = matmul("ncj,ncjs->ncs", weights, nodes, self.dtype)
     return l2_normalize(pooled), (mean, var, count)
 
 
