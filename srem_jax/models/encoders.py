@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NORM_EPS = 1e-8
 TORCH_BN_MOMENTUM = 0.1  # PyTorch's convention: new = (1 - m) * old + m * batch
@@ -38,6 +39,31 @@ def _low_precision_dot_fwd(lhs, rhs, dims, precision):
   return _low_precision_dot(lhs, rhs, dims, precision), (lhs, rhs)
 
 
+def _canonical_dot(a, b, contract, batch, precision):
+  """dot_general(a, b) as one (batch, M, K) x (batch, N, K) bf16 product with
+  float32 output. XLA's CPU runtime (jaxlib 0.10) has a bf16 x bf16 -> f32
+  kernel only for some operand layouts (not e.g. for xᵀ·g, the weight
+  gradient); this one has it. The optimisation barrier keeps XLA from folding
+  the transposes back into the product."""
+  (ac, bc), (ab, bb) = contract, batch
+  a_free = [x for x in range(a.ndim) if x not in ac and x not in ab]
+  b_free = [x for x in range(b.ndim) if x not in bc and x not in bb]
+  size = lambda x, axes: int(np.prod([x.shape[i] for i in axes], dtype=np.int64))
+  batch_shape = [a.shape[i] for i in ab]
+  a3 = jnp.transpose(a, [*ab, *a_free, *ac]).reshape(
+    size(a, ab), size(a, a_free), size(a, ac)
+  )
+  b3 = jnp.transpose(b, [*bb, *b_free, *bc]).reshape(
+    size(b, bb), size(b, b_free), size(b, bc)
+  )
+  a3, b3 = jax.lax.optimization_barrier((a3, b3))
+  out = jax.lax.dot_general(
+    a3, b3, (((2,), (2,)), ((0,), (0,))), precision, preferred_element_type=jnp.float32
+  )
+  free_shape = [a.shape[i] for i in a_free] + [b.shape[i] for i in b_free]
+  return out.reshape(batch_shape + free_shape)
+
+
 def _transposed_product(g, target, other, dims, precision, target_is_lhs: bool):
   """Cotangent of `target`, one operand of a dot_general with dimension numbers
   `dims` whose output cotangent is `g`: g contracted with `other`, with float32
@@ -51,12 +77,8 @@ def _transposed_product(g, target, other, dims, precision, target_is_lhs: bool):
   n_batch = len(tb)
   offset = n_batch + (len(target_kept) if target_is_lhs else 0)
   g_other_kept = [offset + i for i in range(len(other_kept))]
-  out = jax.lax.dot_general(
-    g,
-    other,
-    ((g_other_kept, other_kept), (list(range(n_batch)), list(ob))),
-    precision,
-    preferred_element_type=jnp.float32,
+  out = _canonical_dot(
+    g, other, (g_other_kept, other_kept), (list(range(n_batch)), list(ob)), precision
   )
   # out's axes: batch, target's kept axes, then other's contracted axes in
   # ascending order, each standing for the target axis it was paired with.
