@@ -9,7 +9,6 @@ best, resume from the workdir, stop cleanly on SIGTERM) → final test.
 
 import dataclasses
 import functools
-import math
 import signal
 from typing import Any
 
@@ -31,12 +30,13 @@ from srem_jax import (
   losses,
   paths,
   plots,
+  resident,
   sharding,
   tensorboard,
 )
 from srem_jax.data import dataset, pipeline
 from srem_jax.errors import UserError
-from srem_jax.models.sgraf import DTYPES, SGRAF, build_model
+from srem_jax.models.sgraf import SGRAF, build_model
 from srem_jax.reporting import Progress, Reporter, recall_table
 
 # ---- state and optimizer ----------------------------------------------------
@@ -158,13 +158,6 @@ def loss_options(loss_cfg) -> dict:
   return {k: loss_cfg[k] for k in keys}
 
 
-def gather_images(features, img_index, mesh):
-  """Rows `img_index` of the resident features, sharded like a host batch."""
-  return jax.lax.with_sharding_constraint(
-    features[img_index], sharding.data_sharding(mesh)
-  )
-
-
 PAIRS = "pairs"
 
 
@@ -176,7 +169,10 @@ def train_step(state, batch, clean, features=None, *, model, tx, loss_kw, warmup
   each pair's energy, swapped entropy and truth, to be kept, not summed.
   """
   if features is not None:
-    batch = {**batch, "images": gather_images(features, batch["img_index"], mesh)}
+    batch = {
+      **batch,
+      "images": resident.gather_images(features, batch["img_index"], mesh),
+    }
   rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
@@ -228,44 +224,6 @@ def make_train_step(
   else:
     fn = lambda state, batch: step(state, batch, clean(batch))
   return jax.jit(fn, out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
-
-
-# ---- training features in device memory --------------------------------------
-
-
-def features_on_device(config) -> bool:
-  value = config.data.features_on_device
-  if not isinstance(value, bool):
-    raise UserError(f"config data.features_on_device={value!r}: must be True or False")
-  return value
-
-
-def resident_features(split, mesh, model_dtype: str, log=print) -> jax.Array:
-  """Every image of `split` in one device array, replicated over `mesh`.
-
-  Stored in the model's matmul dtype: the image encoder's first layer casts
-  its input to that dtype anyway, so bfloat16 storage loses nothing.
-  """
-  dtype = np.dtype(DTYPES[model_dtype])
-  shape = (split.n_images, split.num_regions, split.feature_dim)
-  gib = math.prod(shape) * dtype.itemsize / 2**30
-  stats = mesh.local_devices[0].memory_stats()  # None on CPU
-  if stats and "bytes_limit" in stats:
-    free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) / 2**30
-    if gib > free:
-      raise UserError(
-        f"config data.features_on_device=True: the {split.split} features need "
-        f"{gib:.2f} GiB on every device but only {free:.2f} GiB are free; set it False"
-      )
-  host = split.all_images(dtype)
-  features = jax.make_array_from_callback(
-    shape, sharding.replicated(mesh), lambda index: host[index]
-  )
-  log(
-    f"training features on device: {shape} {dtype.name}, "
-    f"{gib:.2f} GiB on each of {mesh.size} devices"
-  )
-  return features
 
 
 # ---- the loop ---------------------------------------------------------------
@@ -331,7 +289,7 @@ class _Run:
 
 def _open_run(config, workdir: str) -> _Run:
   config_checks.validate(config, jax.device_count())
-  on_device = features_on_device(config)
+  on_device = resident.features_on_device(config)
   mesh = sharding.make_mesh(config.mesh.data)
   report = Reporter(workdir)
   report.log(f"workdir: {paths.absolute(workdir)}")
@@ -358,7 +316,9 @@ def _open_run(config, workdir: str) -> _Run:
     )
   features = None
   if on_device:
-    features = resident_features(data.train, mesh, config.model.dtype, report.log)
+    features = resident.resident_features(
+      data.train, mesh, config.model.dtype, report.log
+    )
   return _Run(
     config=config,
     workdir=workdir,

@@ -13,7 +13,7 @@ import rawdata
 import tiny
 from test_main import latest_params, tiny_config
 
-from srem_jax import sharding, train
+from srem_jax import resident, sharding, train
 from srem_jax.data import noise, pipeline, prepare
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import SGRAF, build_model
@@ -134,7 +134,7 @@ def test_step_on_resident_features_equals_the_host_fed_step():
   host_fed = _make_step(model, tx, mesh, on_device=False)
   want, want_losses = _run_steps(mesh, host_fed, initial, images)
   logged = []
-  features = train.resident_features(
+  features = resident.resident_features(
     _fake_split(images), mesh, "float32", logged.append
   )
   assert features.dtype == jnp.float32 and features.shape == images.shape
@@ -147,7 +147,7 @@ def test_step_on_resident_features_equals_the_host_fed_step():
   chex.assert_trees_all_equal(got.batch_stats, want.batch_stats)
   assert not features.is_deleted()  # an argument, never donated with the state
   # Other features of the same shape change the result: they were not baked in.
-  other = train.resident_features(_fake_split(images[::-1].copy()), mesh, "float32")
+  other = resident.resident_features(_fake_split(images[::-1].copy()), mesh, "float32")
   changed, _ = _run_steps(mesh, on_device, initial, None, other, steps=1)
   assert not np.array_equal(
     changed.params["img_enc"]["fc"]["kernel"], got.params["img_enc"]["fc"]["kernel"]
@@ -162,7 +162,7 @@ def test_bfloat16_features_lose_nothing_a_bfloat16_model_keeps():
     jax.random.PRNGKey(0), jnp.zeros((2, R, D)), train=False, method=SGRAF.encode_images
   )
   images = np.random.default_rng(3).normal(size=(N_IMAGES, R, D)).astype(np.float32)
-  features = train.resident_features(_fake_split(images), mesh, "bfloat16")
+  features = resident.resident_features(_fake_split(images), mesh, "bfloat16")
   assert features.dtype == jnp.bfloat16
 
   @jax.jit
@@ -175,7 +175,7 @@ def test_bfloat16_features_lose_nothing_a_bfloat16_model_keeps():
 def test_bad_values_are_one_line_user_errors():
   config = ml_collections.ConfigDict({"data": {"features_on_device": "yes"}})
   with pytest.raises(UserError, match=r"data.features_on_device='yes': must be True"):
-    train.features_on_device(config)
+    resident.features_on_device(config)
   device = types.SimpleNamespace(
     memory_stats=lambda: {"bytes_limit": 2**30, "bytes_in_use": 2**29}
   )
@@ -183,7 +183,7 @@ def test_bad_values_are_one_line_user_errors():
   split = _fake_split(np.zeros((1, 36, 1024), np.float32))
   split.n_images = 4096  # 0.56 GiB as float32
   with pytest.raises(UserError, match=r"need 0\.56 GiB .* only 0\.50 GiB are free"):
-    train.resident_features(split, small, "float32")
+    resident.resident_features(split, small, "float32")
 
 
 def test_run_with_resident_features_ends_like_the_host_fed_run(
