@@ -175,12 +175,6 @@ def train_pair_statistics(model, variables, data, config, mesh, *, tau, temp):
   return out
 
 
-def train_set_statistics(model, variables, data, config, mesh, *, tau, temp):
-  """(cross-entropy, energy) per training caption, the epoch-level GMM's input."""
-  out = train_pair_statistics(model, variables, data, config, mesh, tau=tau, temp=temp)
-  return out["ce"], out["energy"]
-
-
 # ---- command line -----------------------------------------------------------
 
 

@@ -253,12 +253,12 @@ def _gmm_selection(config, model, state, data, mesh) -> np.ndarray:
   """Epoch-level clean mask per caption from a statistics pass (SPEC §3)."""
   loss_cfg = config.loss
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  ce, energy = evaluate.train_set_statistics(
+  stats = evaluate.train_pair_statistics(
     model, variables, data, config, mesh, tau=loss_cfg.tau, temp=loss_cfg.energy_temp
   )
   return gmm.gmm_clean_mask(
-    ce,
-    energy,
+    stats["ce"],
+    stats["energy"],
     iters=loss_cfg.gmm_iters,
     tol=loss_cfg.gmm_tol,
     reg=loss_cfg.gmm_reg,
