@@ -124,6 +124,24 @@ def pair_histograms(path, pairs_path) -> str | None:
   )
 
 
+def _panel_figure(path, title: str, panels: list, draw) -> str:
+  """One row of panels; `draw(ax, content)` fills each, this labels and saves.
+
+  `panels` is a list of (panel title, x label, y label, content).
+  """
+  fig = Figure(figsize=(5 * len(panels), 3.6), layout="constrained")
+  fig.suptitle(title)
+  for index, (panel_title, xlabel, ylabel, content) in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), index + 1)
+    draw(ax, content)
+    ax.set_title(panel_title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+  return save_figure(fig, path)
+
+
 def line_panels(path, title: str, panels: list, shade_until: int = 0) -> str | None:
   """Side-by-side panels of lines against epoch.
 
@@ -134,22 +152,17 @@ def line_panels(path, title: str, panels: list, shade_until: int = 0) -> str | N
   panels = [p for p in panels if any(xs for xs, _ in p[2].values())]
   if not panels:
     return None
-  fig = Figure(figsize=(5 * len(panels), 3.6), layout="constrained")
-  fig.suptitle(title)
-  for index, (panel_title, ylabel, curves) in enumerate(panels):
-    ax = fig.add_subplot(1, len(panels), index + 1)
+
+  def draw(ax, curves):
     for label, (xs, ys) in curves.items():
       if xs:
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     if shade_until > 0:
       ax.axvspan(0.5, shade_until + 0.5, color="0.9", label="warm-up", zorder=0)
-    ax.set_title(panel_title)
-    ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-  return save_figure(fig, path)
+
+  panels = [(t, "epoch", y, curves) for t, y, curves in panels]
+  return _panel_figure(path, title, panels, draw)
 
 
 def _finite(values) -> np.ndarray:
@@ -170,19 +183,14 @@ def histogram_panels(path, title: str, panels: list, bins: int = 40) -> str | No
   panels = [p for p in panels if p[2]]
   if not panels:
     return None
-  fig = Figure(figsize=(5 * len(panels), 3.6), layout="constrained")
-  fig.suptitle(title)
-  for index, (panel_title, xlabel, groups) in enumerate(panels):
-    ax = fig.add_subplot(1, len(panels), index + 1)
+
+  def draw(ax, groups):
     edges = np.histogram_bin_edges(np.concatenate(list(groups.values())), bins)
     for label, values in groups.items():
       ax.hist(values, edges, density=True, alpha=0.5, label=f"{label} ({len(values)})")
-    ax.set_title(panel_title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-  return save_figure(fig, path)
+
+  panels = [(t, x, "density", groups) for t, x, groups in panels]
+  return _panel_figure(path, title, panels, draw)
 
 
 def _warmup_epochs(train_rows: list[dict]) -> int:

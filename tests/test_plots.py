@@ -50,14 +50,21 @@ def val_record(epoch, rsum):
   return {"step": 10 * epoch, "epoch": epoch, "split": "val", "rsum": rsum}
 
 
+def first_two_epochs():
+  """A warm-up epoch and an SREM epoch with their validation records."""
+  return [
+    train_record(1, True, 0.6, 1.0),
+    val_record(1, 100.0),
+    train_record(2, False, 0.8, 0.7),
+    val_record(2, 250.0),
+  ]
+
+
 def test_all_plots_written_as_real_pngs(tmp_path):
   write_metrics(
     tmp_path,
     [
-      train_record(1, True, 0.6, 1.0),
-      val_record(1, 100.0),
-      train_record(2, False, 0.8, 0.7),
-      val_record(2, 250.0),
+      *first_two_epochs(),
       train_record(3, False, 0.9, 0.75),
       val_record(3, 240.0),
       {"step": 30, "epoch": 3, "split": "test", "rsum": 230.0},
@@ -100,10 +107,7 @@ def test_summary_table_reports_last_and_best_epoch(tmp_path):
   write_metrics(
     tmp_path,
     [
-      train_record(1, True, 0.6, 1.0),
-      val_record(1, 100.0),
-      train_record(2, False, 0.8, 0.7),
-      val_record(2, 250.0),
+      *first_two_epochs(),
       # A resumed run rewrote epoch 3; the later record counts.
       train_record(3, False, 0.1, 0.1),
       val_record(3, 1.0),
