@@ -193,6 +193,7 @@ def _common(head, dtype, model) -> dict:
   return {
     "head": head,
     "dtype": dtype,
+    "img_chunk": model.img_chunk,
     "cap_chunk": model.cap_chunk,
     "remat": model.remat,
     "device_kind": _device_kind(),
@@ -423,8 +424,11 @@ def _define_flags() -> dict:
     caption_len=flags.DEFINE_integer("caption_len", 15, "Padded caption length L."),
     dtype=flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Matmul dtype."),
     steps=flags.DEFINE_integer("steps", 3, "Timed repetitions (median reported)."),
+    img_chunk=flags.DEFINE_integer(
+      "img_chunk", 0, "Images per scan step (0 = model default)."
+    ),
     cap_chunk=flags.DEFINE_integer(
-      "cap_chunk", 0, "Captions per scan step (0 = model default)."
+      "cap_chunk", 0, "Captions per scan step, SAF training (0 = model default)."
     ),
     remat=flags.DEFINE_enum(
       "remat", None, list(REMAT_MODES), "Rematerialisation (default: model's)."
@@ -457,8 +461,9 @@ def main(argv, flag_values) -> None:
       raise UserError(f"--{name}: expected a positive integer, got {values[name]}")
   dims = TINY_DIMS if values["tiny"] else PAPER_DIMS
   model_kw = {}
-  if values["cap_chunk"]:
-    model_kw["cap_chunk"] = values["cap_chunk"]
+  for chunk in ("img_chunk", "cap_chunk"):
+    if values[chunk]:
+      model_kw[chunk] = values[chunk]
   if values["remat"]:
     model_kw["remat"] = values["remat"]
   common = dict(caption_len=values["caption_len"], steps=values["steps"], dims=dims)

@@ -27,6 +27,7 @@ _RANGES = {
   "model.sim_dim": (1, math.inf, True, True),
   "model.sgr_steps": (1, math.inf, True, True),
   "model.cap_chunk": (1, math.inf, True, True),
+  "model.img_chunk": (1, math.inf, True, True),
   "model.dropout": (0.0, 1.0, True, False),
   "model.smooth": (0.0, math.inf, False, True),
   "train.epochs": (1, math.inf, True, True),

@@ -117,6 +117,7 @@ def batch_scores(model, params, batch_stats, batch, *, train, rng, mesh):
   and no pair is computed twice. Batch statistics are over the global batch.
   """
   img_rng, cap_rng, head_rng = jax.random.split(rng, 3)
+  model = sharding.scan_per_device(model, mesh)
   variables = {"params": params, "batch_stats": batch_stats}
   img, batch_stats = _apply(
     model,

@@ -7,11 +7,16 @@ equals the reference's unpadded computation (SPEC §2). Names follow the
 PyTorch modules (`v_global_w.embedding_local`, `sim_tranloc_w`,
 `SGR_module_<i>.graph_query_w`, `SAF_module.attn_sim_w`, ...).
 
-The block is processed in chunks of `cap_chunk` captions under `nn.scan`:
-the (images, captions, words, E) context tensor, the largest intermediate,
-only ever exists for one chunk, and a small chunk keeps it in cache. `remat`
-chooses what a chunk keeps for the backward pass (`REMAT_POLICIES`); the
-default keeps the dense layers' outputs and recomputes the context.
+The block is processed in chunks of `img_chunk` images under `nn.scan` (of
+`cap_chunk` captions for SAF in train mode, whose BatchNorm statistics span
+all images of a caption): the (images, captions, words, E) context tensor,
+the largest intermediate, only ever exists for one chunk. Image chunks make
+each image's context products (chunk x captions x words rows) large enough
+to run near matmul speed; the context product and the squared difference
+carry hand-written gradients that keep XLA from transposing or reducing that
+tensor slowly. `remat` chooses what a chunk keeps for the backward pass
+(`REMAT_POLICIES`); the default keeps the dense layers' outputs and
+recomputes the context.
 
 Train-mode BatchNorm versus the reference's loop over captions:
 - VisualSA's two BatchNorms see the same images as the reference (all images
@@ -33,6 +38,7 @@ Train-mode BatchNorm versus the reference's loop over captions:
     scores = head.apply(variables, local, img_glob, words, cap_glob, mask, train=False)
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -67,6 +73,58 @@ def masked_softmax(logits: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Ar
   logits = jnp.asarray(logits)
   logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
   return jax.nn.softmax(logits, axis=axis) * mask
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def attended_context(attn: jax.Array, local: jax.Array, dtype: Any) -> jax.Array:
+  """Context (n, m, E) = attn (n, R, m) contracted with regions (n, R, E) over R.
+
+  Its gradients are written out so that each product contracts a leading or
+  trailing axis of the (n, m, E) cotangent; plain autodiff made XLA transpose
+  that tensor (the largest of the step) before the regions' gradient.
+  """
+  return matmul("nrm,nre->nme", attn, local, dtype)
+
+
+def _attended_context_fwd(attn, local, dtype):
+  return attended_context(attn, local, dtype), (attn, local)
+
+
+def _attended_context_bwd(dtype, residuals, grad):
+  attn, local = residuals
+  grad_attn = jnp.swapaxes(matmul("nme,nre->nmr", grad, local, dtype), 1, 2)
+  grad_local = matmul("nrm,nme->nre", attn, grad, dtype)
+  return grad_attn.astype(attn.dtype), grad_local.astype(local.dtype)
+
+
+attended_context.defvjp(_attended_context_fwd, _attended_context_bwd)
+
+
+@jax.custom_vjp
+def squared_difference(context: jax.Array, words: jax.Array) -> jax.Array:
+  """(context - words)^2 for context (n, c, l, E) and words (c, l, E).
+
+  The words' gradient sums the n image slices with n - 1 plain adds: XLA's CPU
+  runtime otherwise emits a reduce over the leading axis that ran ~15x slower
+  than memory allows inside the fused dot it lands in.
+  """
+  return jnp.square(context - words[None])
+
+
+def _squared_difference_fwd(context, words):
+  return squared_difference(context, words), (context, words)
+
+
+def _squared_difference_bwd(residuals, grad):
+  context, words = residuals
+  grad_context = 2 * (context - words[None]) * grad
+  grad_words = -grad_context[0]
+  for i in range(1, grad_context.shape[0]):
+    grad_words = grad_words - grad_context[i]
+  return grad_context, grad_words
+
+
+squared_difference.defvjp(_squared_difference_fwd, _squared_difference_bwd)
 
 
 class VisualSA(nn.Module):
@@ -185,7 +243,7 @@ class GraphReasoning(nn.Module):
 
 
 class PairHead(nn.Module):
-  """Scores of N images against one chunk of C captions -> (N, C).
+  """Scores of one chunk of images against one chunk of captions -> (N, C).
 
   A scan body: parameters are shared across chunks, SAF's running statistics
   arrive as an input and its per-caption batch statistics leave as an output,
@@ -200,15 +258,21 @@ class PairHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, carry, words, cap_glob, mask, image):
-    local, img_glob, saf_running = image
+  def __call__(self, carry, images, captions, saf_running):
+    local, img_glob = images
+    words, cap_glob, mask = captions
     # SCAN attention: regions attend to words, normalised per region over the
     # caption's real words, then a smoothed softmax over regions per word.
-    attn = matmul("nre,cle->ncrl", local, words, self.dtype)
-    attn = jax.nn.leaky_relu(attn, 0.1) * mask[None, :, None, :]
-    attn = jax.nn.softmax(self.smooth * l2_normalize(attn), axis=2)
-    context = l2_normalize(matmul("ncrl,nre->ncle", attn, local, self.dtype))
-    local_sim = jnp.square(context - words[None])
+    # Regions lead the (n, r, c, l) layout so that both context products and
+    # their gradients contract over a leading or trailing axis: no transposes
+    # of the (n, c, l, E) tensors.
+    attn = matmul("nre,cle->nrcl", local, words, self.dtype)
+    attn = jax.nn.leaky_relu(attn, 0.1) * mask
+    attn = jax.nn.softmax(self.smooth * l2_normalize(attn), axis=1)
+    n, r, c, length = attn.shape
+    context = attended_context(attn.reshape(n, r, c * length), local, self.dtype)
+    context = l2_normalize(context.reshape(n, c, length, -1))
+    local_sim = squared_difference(context, words)
     local_nodes = dense(self.sim_dim, self.dtype, "sim_tranloc_w")(local_sim)
     global_sim = jnp.square(img_glob[:, None] - cap_glob[None])
     global_node = dense(self.sim_dim, self.dtype, "sim_tranglo_w")(global_sim)
@@ -279,6 +343,7 @@ class SimilarityHead(nn.Module):
   cap_chunk: int = 4
   dtype: Any = jnp.float32
   remat: str = "dots"
+  img_chunk: int = 4
 
   @nn.compact
   def __call__(self, local, img_glob, words, cap_glob, mask, *, train: bool):
@@ -286,17 +351,35 @@ class SimilarityHead(nn.Module):
       raise ValueError(f"head must be 'sgr' or 'saf', got {self.head!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {REMAT_MODES}, got {self.remat!r}")
-    num_caps = words.shape[0]
-    chunk = min(self.cap_chunk, num_caps)
-    pad = -num_caps % chunk
-    # Pad captions have one real (zero) word so that nothing divides by zero.
-    pad_mask = jnp.zeros((pad, mask.shape[1]), bool).at[:, 0].set(True)
-    words = jnp.pad(words, ((0, pad), (0, 0), (0, 0)))
-    cap_glob = jnp.pad(cap_glob, ((0, pad), (0, 0)))
-    mask = jnp.concatenate([mask, pad_mask])
-
-    def chunked(x):
-      return x.reshape((-1, chunk) + x.shape[1:])
+    images = (local.astype(jnp.float32), img_glob.astype(jnp.float32))
+    captions = (words, cap_glob, mask)
+    num_imgs, num_caps = local.shape[0], words.shape[0]
+    # SAF's train-mode statistics span every image of a caption, so that case
+    # alone scans caption chunks; everything else scans image chunks, whose
+    # per-image products (chunk x captions x words rows each) run several
+    # times faster than the many small ones of a caption chunk.
+    by_images = not (self.head == "saf" and train)
+    if by_images:
+      chunk = min(self.img_chunk, num_imgs)
+      pad = -num_imgs % chunk
+      # Strided chunks: step s takes rows s, s + steps, ...; images sharded in
+      # contiguous blocks then give every device chunk / devices rows a step.
+      # Pad images are all zeros: every normalisation maps them to zero.
+      images = jax.tree.map(
+        lambda x: _pad_rows(x, pad).reshape((chunk, -1) + x.shape[1:]), images
+      )
+      in_axes = (1, nn.broadcast, nn.broadcast)
+    else:
+      chunk = min(self.cap_chunk, num_caps)
+      pad = -num_caps % chunk
+      # Pad captions have one real (zero) word so that nothing divides by zero.
+      pad_mask = jnp.zeros((pad, mask.shape[1]), bool).at[:, 0].set(True)
+      captions = (
+        _chunked(_pad_rows(words, pad), chunk),
+        _chunked(_pad_rows(cap_glob, pad), chunk),
+        _chunked(jnp.concatenate([mask, pad_mask]), chunk),
+      )
+      in_axes = (nn.broadcast, 0, nn.broadcast)
 
     running = None
     if self.head == "saf":
@@ -311,8 +394,8 @@ class SimilarityHead(nn.Module):
       body,
       variable_broadcast="params",
       split_rngs={"params": False},
-      in_axes=(0, 0, 0, nn.broadcast),
-      out_axes=0,
+      in_axes=in_axes,
+      out_axes=1 if by_images else 0,
     )(
       head=self.head,
       sim_dim=self.sim_dim,
@@ -322,18 +405,24 @@ class SimilarityHead(nn.Module):
       dtype=self.dtype,
       name="pairs",
     )
-    image = (local.astype(jnp.float32), img_glob.astype(jnp.float32), running)
-    _, (scores, saf_stats) = scan_head(
-      None, chunked(words), chunked(cap_glob), chunked(mask), image
-    )
-    scores = jnp.moveaxis(scores, 0, 1).reshape(local.shape[0], -1)[:, :num_caps]
-
-    if self.head == "saf" and train and not self.is_initializing():
+    _, (scores, saf_stats) = scan_head(None, images, captions, running)
+    if by_images:
+      return scores.reshape(-1, num_caps)[:num_imgs]  # (chunk, steps, M) -> rows
+    scores = jnp.moveaxis(scores, 0, 1).reshape(num_imgs, -1)[:, :num_caps]
+    if not self.is_initializing():
       mean, var, count = (s.reshape(-1)[:num_caps] for s in saf_stats)
       running_mean.value, running_var.value = _sequential_running_update(
         (running_mean.value, running_var.value), mean, var, count
       )
     return scores
+
+
+def _pad_rows(x: jax.Array, pad: int) -> jax.Array:
+  return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+
+
+def _chunked(x: jax.Array, chunk: int) -> jax.Array:
+  return x.reshape((-1, chunk) + x.shape[1:])
 
 
 def _sequential_running_update(running, means, variances, counts):

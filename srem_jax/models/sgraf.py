@@ -49,8 +49,9 @@ class SGRAF(nn.Module):
   dropout: float = 0.4
   smooth: float = 9.0
   dtype: Any = jnp.float32
-  cap_chunk: int = 4  # captions per scan step inside a scoring block
+  cap_chunk: int = 4  # captions per scan step (SAF training only)
   remat: str = "dots"  # what a chunk keeps for backward: none | full | dots
+  img_chunk: int = 4  # images per scan step (per device: sharding.scan_per_device)
 
   def setup(self):
     self.img_enc = ImageEncoder(self.embed_dim, self.dtype)
@@ -67,6 +68,7 @@ class SGRAF(nn.Module):
       self.cap_chunk,
       self.dtype,
       self.remat,
+      self.img_chunk,
     )
 
   def encode_images(self, images: jax.Array, *, train: bool) -> ImageEmbedding:
@@ -115,4 +117,5 @@ def build_model(model_cfg, vocab_size: int) -> SGRAF:
     dtype=DTYPES[model_cfg.dtype],
     cap_chunk=model_cfg.get("cap_chunk", 4),
     remat=remat,
+    img_chunk=model_cfg.get("img_chunk", 4),
   )
