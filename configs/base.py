@@ -56,8 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.sgr_steps = 3  # graph reasoning steps (SGR)
   c.model.dropout = 0.4  # dropout rate in the text encoder and VisualSA/TextSA
   c.model.smooth = 9.0  # inverse temperature of the region attention softmax
-  c.model.img_chunk = 4  # images per scan step of the all-pairs head (bounds memory)
-  c.model.cap_chunk = 4  # captions per scan step instead, for SAF training only
+  c.model.img_chunk = 4  # images per device per scan step, training SGR (bounds memory)
+  c.model.cap_chunk = 4  # captions per scan step otherwise (scoring, SAF training)
   c.model.remat = "dots"  # what a scan step keeps for backward: none | full | dots
   c.model.dtype = "float32"  # matmul dtype: float32 | bfloat16 (accumulation float32)
 

@@ -425,10 +425,10 @@ def _define_flags() -> dict:
     dtype=flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Matmul dtype."),
     steps=flags.DEFINE_integer("steps", 3, "Timed repetitions (median reported)."),
     img_chunk=flags.DEFINE_integer(
-      "img_chunk", 0, "Images per scan step (0 = model default)."
+      "img_chunk", 0, "Images per scan step, SGR training (0 = model default)."
     ),
     cap_chunk=flags.DEFINE_integer(
-      "cap_chunk", 0, "Captions per scan step, SAF training (0 = model default)."
+      "cap_chunk", 0, "Captions per scan step, scoring (0 = model default)."
     ),
     remat=flags.DEFINE_enum(
       "remat", None, list(REMAT_MODES), "Rematerialisation (default: model's)."

@@ -46,7 +46,6 @@ def _eval_functions(model, mesh):
   """
   rows = sharding.data_sharding(mesh)
   full = sharding.replicated(mesh)
-  scorer = sharding.scan_per_device(model, mesh)
   encode_images = jax.jit(
     lambda v, x: model.apply(v, x, train=False, method=SGRAF.encode_images)
   )
@@ -54,7 +53,7 @@ def _eval_functions(model, mesh):
     lambda v, t, n: model.apply(v, t, n, train=False, method=SGRAF.encode_captions)
   )
   score = jax.jit(
-    lambda v, i, c: scorer.apply(v, i, c, train=False, method=SGRAF.score),
+    lambda v, i, c: model.apply(v, i, c, train=False, method=SGRAF.score),
     in_shardings=(full, rows, full),
     out_shardings=full,
   )
@@ -165,7 +164,7 @@ def train_pair_statistics(model, variables, data, config, mesh, *, tau, temp):
   n = data.train.n_captions
   out = {key: np.zeros(n, np.float32) for key in ("ce", "energy", "entropy")}
 
-  stats = _statistics_function(sharding.scan_per_device(model, mesh), tau, temp)
+  stats = _statistics_function(model, tau, temp)
   for batch in pipeline.pair_batches(
     data.train, data.noise.t2i, batch_size, data.caption_len, seed=config.train.seed
   ):

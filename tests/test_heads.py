@@ -231,3 +231,15 @@ def test_head_gradients_equal_plain_autodiff_and_ignore_chunking(
   plain = grads(img_chunk=1, remat="none")
   chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
   jax.tree.map(chex_close, fast, plain)
+
+
+def test_sgr_training_scores_in_image_chunks_equal_caption_chunks():
+  """Training SGR scans (padded) image chunks, scoring scans caption chunks
+  (checked pair by pair above); the head has no train-mode layers, so the
+  two must agree."""
+  model, variables, images, tokens, lengths = _model_and_data("sgr", seed=4)
+  img, cap = _embed(model, variables, images, tokens, lengths)
+  score = lambda train: model.clone(img_chunk=2).apply(
+    variables, img, cap, train=train, method=SGRAF.score
+  )
+  np.testing.assert_allclose(score(True), score(False), rtol=1e-5, atol=1e-7)

@@ -7,14 +7,15 @@ equals the reference's unpadded computation (SPEC §2). Names follow the
 PyTorch modules (`v_global_w.embedding_local`, `sim_tranloc_w`,
 `SGR_module_<i>.graph_query_w`, `SAF_module.attn_sim_w`, ...).
 
-The block is processed in chunks of `img_chunk` images under `nn.scan` (of
-`cap_chunk` captions for SAF in train mode, whose BatchNorm statistics span
-all images of a caption): the (images, captions, words, E) context tensor,
-the largest intermediate, only ever exists for one chunk. Image chunks make
-each image's context products (chunk x captions x words rows) large enough
-to run near matmul speed; the context product and the squared difference
-carry hand-written gradients that keep XLA from transposing or reducing that
-tensor slowly. `remat` chooses what a chunk keeps for the backward pass
+The block is processed in chunks under `nn.scan`, so the (images, captions,
+words, E) context tensor, the largest intermediate, only ever exists for one
+chunk: chunks of `img_chunk` images when training SGR, whose backward pass
+then runs each image's context products over chunk x captions x words rows
+(several times faster than a caption chunk's many small products), and
+chunks of `cap_chunk` captions otherwise (scoring alone measured faster so,
+and SAF's train-mode statistics span all images of a caption). The context
+product and the squared difference carry hand-written gradients that keep
+XLA from transposing or reducing that tensor slowly. `remat` chooses what a chunk keeps for the backward pass
 (`REMAT_POLICIES`); the default keeps the dense layers' outputs and
 recomputes the context.
 
@@ -354,11 +355,11 @@ class SimilarityHead(nn.Module):
     images = (local.astype(jnp.float32), img_glob.astype(jnp.float32))
     captions = (words, cap_glob, mask)
     num_imgs, num_caps = local.shape[0], words.shape[0]
-    # SAF's train-mode statistics span every image of a caption, so that case
-    # alone scans caption chunks; everything else scans image chunks, whose
-    # per-image products (chunk x captions x words rows each) run several
-    # times faster than the many small ones of a caption chunk.
-    by_images = not (self.head == "saf" and train)
+    # Training SGR scans image chunks: the backward pass then runs per-image
+    # products of chunk x captions x words rows, several times faster than a
+    # caption chunk's many small ones. Scoring alone was faster in caption
+    # chunks, and SAF's train-mode statistics span every image of a caption.
+    by_images = train and self.head == "sgr"
     if by_images:
       chunk = min(self.img_chunk, num_imgs)
       pad = -num_imgs % chunk
@@ -409,7 +410,7 @@ class SimilarityHead(nn.Module):
     if by_images:
       return scores.reshape(-1, num_caps)[:num_imgs]  # (chunk, steps, M) -> rows
     scores = jnp.moveaxis(scores, 0, 1).reshape(num_imgs, -1)[:, :num_caps]
-    if not self.is_initializing():
+    if self.head == "saf" and train and not self.is_initializing():
       mean, var, count = (s.reshape(-1)[:num_caps] for s in saf_stats)
       running_mean.value, running_var.value = _sequential_running_update(
         (running_mean.value, running_var.value), mean, var, count

@@ -49,9 +49,9 @@ class SGRAF(nn.Module):
   dropout: float = 0.4
   smooth: float = 9.0
   dtype: Any = jnp.float32
-  cap_chunk: int = 4  # captions per scan step (SAF training only)
+  cap_chunk: int = 4  # captions per scan step (scoring, SAF training)
   remat: str = "dots"  # what a chunk keeps for backward: none | full | dots
-  img_chunk: int = 4  # images per scan step (per device: sharding.scan_per_device)
+  img_chunk: int = 4  # images per device per scan step (SGR training)
 
   def setup(self):
     self.img_enc = ImageEncoder(self.embed_dim, self.dtype)
