@@ -128,9 +128,13 @@ def bench_train_step(
   dtype="float32",
   steps=3,
   dims=None,
+  hlo=False,
   **model_kw,
 ) -> dict:
-  """Times `train.make_train_step` (SREM loss, clipping, Adam) on one device."""
+  """Times `train.make_train_step` (SREM loss, clipping, Adam) on one device.
+
+  With `hlo`, the result also holds the compiled step's HLO text ("hlo").
+  """
   from configs import base  # the defaults every run starts from
 
   dims = dims or PAPER_DIMS
@@ -181,6 +185,7 @@ def bench_train_step(
     "flops_per_step": flops,
     "shapes": {"batch": batch, "caption_len": caption_len, **dims},
     **_common(head, dtype, model),
+    **({"hlo": compiled.as_text()} if hlo else {}),
   }
 
 

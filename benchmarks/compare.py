@@ -1,0 +1,80 @@
+"""Ours against the PyTorch reference, on the same machine, in one run.
+
+Runs `python -m srem_jax.bench` (float32 and bfloat16) and
+`benchmarks/torch_reference.py` for the training step and evaluation,
+alternating the programs over `--rounds` so that a machine whose speed drifts
+shifts both sides alike, then prints one table row per measurement and the
+ratios of the medians. Every run is its own process; the JSON lines of all of
+them go to `--out`.
+
+    python benchmarks/compare.py --rounds=2 --steps=3 --out=compare.jsonl
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OURS = [sys.executable, "-m", "srem_jax.bench"]
+REFERENCE = [sys.executable, str(ROOT / "benchmarks" / "torch_reference.py")]
+TARGETS = {  # the issue's ratios to the reference
+  ("train_step", "float32"): 2.0,
+  ("eval", "float32"): 1.5,
+  ("train_step", "bfloat16"): 3.0,
+  ("eval", "bfloat16"): 3.0,
+}
+
+
+def _run(command: list[str]) -> dict:
+  done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+  if done.returncode:
+    sys.exit(f"error: {' '.join(command)} failed:\n{done.stderr[-2000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--benches", default="train_step,eval")
+  parser.add_argument("--out", default="compare.jsonl")
+  args = parser.parse_args(argv)
+  rates: dict[tuple, list[float]] = {}
+  with open(args.out, "a") as out:
+    for round_ in range(args.rounds):
+      for bench in args.benches.split(","):
+        runs = [
+          ("reference", REFERENCE + [bench]),
+          ("float32", OURS + [bench, "--dtype=float32"]),
+          ("bfloat16", OURS + [bench, "--dtype=bfloat16"]),
+        ]
+        for name, command in runs[:: 1 if round_ % 2 == 0 else -1]:
+          result = _run(command + [f"--steps={args.steps}"])
+          result["compare"] = {"round": round_, "name": name}
+          out.write(json.dumps(result) + "\n")
+          out.flush()
+          rates.setdefault((bench, name), []).append(result["pairs_per_s"])
+          load = result.get("load_average", [float("nan")])[0]
+          print(
+            f"round {round_} {bench:10s} {name:9s} "
+            f"{result['pairs_per_s']:9,.0f} pairs/s  (load {load:.1f})",
+            flush=True,
+          )
+  print("\nmedians and ratios to the reference:")
+  for bench in args.benches.split(","):
+    reference = statistics.median(rates[(bench, "reference")])
+    print(f"{bench:10s} reference {reference:9,.0f} pairs/s")
+    for dtype in ("float32", "bfloat16"):
+      ours = statistics.median(rates[(bench, dtype)])
+      target = TARGETS[(bench, dtype)]
+      print(
+        f"{bench:10s} {dtype:9s} {ours:9,.0f} pairs/s  "
+        f"{ours / reference:.2f}x (target {target:.1f}x)"
+      )
+
+
+if __name__ == "__main__":
+  main()
