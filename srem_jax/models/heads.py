@@ -15,9 +15,9 @@ then runs each image's context products over chunk x captions x words rows
 chunks of `cap_chunk` captions otherwise (scoring alone measured faster so,
 and SAF's train-mode statistics span all images of a caption). The context
 product and the squared difference carry hand-written gradients that keep
-XLA from transposing or reducing that tensor slowly. `remat` chooses what a chunk keeps for the backward pass
-(`REMAT_POLICIES`); the default keeps the dense layers' outputs and
-recomputes the context.
+XLA from transposing or reducing that tensor slowly. `remat` chooses what a
+chunk keeps for the backward pass (`REMAT_POLICIES`); the default keeps the
+dense layers' outputs and recomputes the context.
 
 Train-mode BatchNorm versus the reference's loop over captions:
 - VisualSA's two BatchNorms see the same images as the reference (all images
