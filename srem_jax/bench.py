@@ -453,15 +453,7 @@ def main(argv, flag_values) -> None:
   if len(argv) != 2 or argv[1] not in MODES:
     raise UserError(f"expected one mode argument out of {', '.join(MODES)}")
   mode = argv[1]
-  for name in (
-    "batch",
-    "n_img",
-    "n_cap",
-    "steps",
-    "caption_len",
-    "img_tile",
-    "cap_tile",
-  ):
+  for name in "batch n_img n_cap steps caption_len img_tile cap_tile".split():
     if values[name] < 1:
       raise UserError(f"--{name}: expected a positive integer, got {values[name]}")
   dims = TINY_DIMS if values["tiny"] else PAPER_DIMS
