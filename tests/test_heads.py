@@ -229,8 +229,8 @@ def test_head_gradients_equal_plain_autodiff_and_ignore_chunking(
   monkeypatch.setattr(heads, "attended_context", _plain_context)
   monkeypatch.setattr(heads, "squared_difference", _plain_squared_difference)
   plain = grads(img_chunk=1, remat="none")
-  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
-  jax.tree.map(chex_close, fast, plain)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+  jax.tree.map(close, fast, plain)
 
 
 def test_sgr_training_scores_in_image_chunks_equal_caption_chunks():
