@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh
 
-from srem_jax import cli, sharding, train
+from srem_jax import sharding, step
 from srem_jax.errors import UserError
 from srem_jax.models import tiling
 from srem_jax.models.heads import REMAT_MODES
@@ -131,7 +131,7 @@ def bench_train_step(
   hlo=False,
   **model_kw,
 ) -> dict:
-  """Times `train.make_train_step` (SREM loss, clipping, Adam) on one device.
+  """Times `step.make_train_step` (SREM loss, clipping, Adam) on one device.
 
   With `hlo`, the result also holds the compiled step's HLO text ("hlo").
   """
@@ -141,8 +141,8 @@ def bench_train_step(
   config = base.get_config()
   mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
   model = make_model(head, dtype, dims, **model_kw)
-  tx = train.make_optimizer(config.train, steps_per_epoch=1000)
-  state = train.init_state(
+  tx = step.make_optimizer(config.train, steps_per_epoch=1000)
+  state = step.init_state(
     model,
     tx,
     seed=0,
@@ -151,14 +151,14 @@ def bench_train_step(
     caption_len=caption_len,
     mesh=mesh,
   )
-  step = train.make_train_step(
-    model, tx, train.loss_options(config.loss), mesh, warmup=False, external_clean=False
+  train_step = step.make_train_step(
+    model, tx, step.loss_options(config.loss), mesh, warmup=False, external_clean=False
   )
   data = sharding.global_batch(
     _random_batch(np.random.default_rng(0), batch, caption_len, dims), mesh
   )
   start = time.perf_counter()
-  compiled = step.lower(state, data).compile()
+  compiled = train_step.lower(state, data).compile()
   compile_s = time.perf_counter() - start
   holder = {"state": state}
 
@@ -496,5 +496,7 @@ def main(argv, flag_values) -> None:
 
 
 if __name__ == "__main__":
+  from srem_jax import cli  # the config-flag stack, needed by the program only
+
   _flag_values = _define_flags()
   cli.run(lambda argv: main(argv, _flag_values))

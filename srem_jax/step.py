@@ -1,0 +1,214 @@
+"""The training state, the forward pass over a sharded batch and the update step.
+
+Owns `TrainState`, `make_optimizer`, `init_state`, `batch_scores` and
+`make_train_step`: everything a step needs and nothing of the loop around it
+(no input pipeline, checkpoints or logging), so a benchmark or an
+ahead-of-time compile imports it without the data stack.
+
+    tx = make_optimizer(config.train, steps_per_epoch)
+    state = init_state(model, tx, seed=0, num_regions=36, img_dim=2048,
+                       caption_len=40, mesh=mesh)
+    step = make_train_step(model, tx, loss_options(config.loss), mesh,
+                           warmup=False, external_clean=False)
+    state, metrics = step(state, batch)
+"""
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from srem_jax import diagnostics, losses, resident, sharding
+from srem_jax.models.sgraf import SGRAF
+
+# ---- state and optimizer ----------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def make_optimizer(train_cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+  boundary = train_cfg.lr_decay_epochs * steps_per_epoch
+  schedule = optax.piecewise_constant_schedule(
+    train_cfg.lr, {boundary: train_cfg.lr_decay_factor} if boundary > 0 else {}
+  )
+  return optax.chain(
+    optax.clip_by_global_norm(train_cfg.grad_clip), optax.adam(schedule)
+  )
+
+
+def init_state(model, tx, *, seed, num_regions, img_dim, caption_len, mesh):
+  """Parameters created directly with a replicated sharding."""
+
+  def init(rng):
+    params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+    images = jnp.zeros((2, num_regions, img_dim), jnp.float32)
+    tokens = jnp.ones((2, caption_len), jnp.int32)
+    lengths = jnp.full((2,), caption_len, jnp.int32)
+    variables = model.init(
+      {"params": params_rng, "dropout": dropout_rng},
+      images,
+      tokens,
+      lengths,
+      train=False,
+    )
+    params = variables["params"]
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+      rng=state_rng,
+    )
+
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))(
+    jax.random.PRNGKey(seed)
+  )
+
+
+# ---- forward pass over a sharded batch --------------------------------------
+
+
+def _apply(model, variables, *args, method, train, rng):
+  if not train:
+    return model.apply(variables, *args, train=False, method=method), variables[
+      "batch_stats"
+    ]
+  out, updates = model.apply(
+    variables,
+    *args,
+    train=True,
+    method=method,
+    mutable=["batch_stats"],
+    rngs={"dropout": rng},
+  )
+  return out, updates["batch_stats"]
+
+
+def batch_scores(model, params, batch_stats, batch, *, train, rng, mesh):
+  """The K×K similarity matrix of a global batch, each device scoring its rows.
+
+  Images stay sharded along `data`; the (small) caption embeddings are gathered
+  to every device, so each device scores its own images against all captions
+  and no pair is computed twice. Batch statistics are over the global batch.
+  """
+  img_rng, cap_rng, head_rng = jax.random.split(rng, 3)
+  model = sharding.scan_per_device(model, mesh)
+  variables = {"params": params, "batch_stats": batch_stats}
+  img, batch_stats = _apply(
+    model,
+    variables,
+    batch["images"],
+    method=SGRAF.encode_images,
+    train=train,
+    rng=img_rng,
+  )
+  variables = {"params": params, "batch_stats": batch_stats}
+  cap, _ = _apply(
+    model,
+    variables,
+    batch["tokens"],
+    batch["lengths"],
+    method=SGRAF.encode_captions,
+    train=train,
+    rng=cap_rng,
+  )
+  rows = NamedSharding(mesh, P("data"))
+  img = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows), img)
+  cap = jax.tree.map(
+    lambda x: jax.lax.with_sharding_constraint(x, sharding.replicated(mesh)), cap
+  )
+  scores, batch_stats = _apply(
+    model, variables, img, cap, method=SGRAF.score, train=train, rng=head_rng
+  )
+  return jax.lax.with_sharding_constraint(scores, rows), batch_stats
+
+
+# ---- update step ------------------------------------------------------------
+
+
+def loss_options(loss_cfg) -> dict:
+  keys = (
+    "name tau energy_temp margin clean_quantile use_filtration "
+    "use_entropy_weight use_cmbcl beta bias cmbcl_weight eps"
+  ).split()
+  return {k: loss_cfg[k] for k in keys}
+
+
+PAIRS = "pairs"
+
+
+def train_step(state, batch, clean, features=None, *, model, tx, loss_kw, warmup, mesh):
+  """One update; `clean` is an externally selected mask or None (static).
+
+  With `features` (every training image, replicated) the batch carries no
+  `images`: they are gathered from it by `img_index`. `metrics[PAIRS]` holds
+  each pair's energy, swapped entropy and truth, to be kept, not summed.
+  """
+  if features is not None:
+    batch = {
+      **batch,
+      "images": resident.gather_images(features, batch["img_index"], mesh),
+    }
+  rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    scores, batch_stats = batch_scores(
+      model, params, state.batch_stats, batch, train=True, rng=rng, mesh=mesh
+    )
+    loss, aux = losses.objective(scores, warmup=warmup, clean=clean, **loss_kw)
+    return loss, (aux, batch_stats)
+
+  grads, (aux, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+  )
+  metrics = {k: aux[k] for k in ("loss", "loss_clean", "loss_cmbcl", "clean_frac")}
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics.update(diagnostics.selection_sums(aux, batch["clean"]))
+  metrics[PAIRS] = diagnostics.pair_values(aux, batch["clean"])
+  return new_state, metrics
+
+
+def make_train_step(
+  model,
+  tx,
+  loss_kw,
+  mesh,
+  *,
+  warmup: bool,
+  external_clean: bool,
+  features_on_device: bool = False,
+):
+  """jit of `train_step`: `(state, batch)`, or `(state, batch, features)`.
+
+  The features are an argument, not a captured constant, so they are neither
+  copied into the executable nor donated with the state. Every output is
+  replicated, the per-pair values too (a few bytes per pair), so process 0
+  reads all of them without a collective of its own.
+  """
+  step = functools.partial(
+    train_step, model=model, tx=tx, loss_kw=loss_kw, warmup=warmup, mesh=mesh
+  )
+
+  def clean(batch):
+    return batch["selected"] if external_clean else None
+
+  if features_on_device:
+    fn = lambda state, batch, features: step(state, batch, clean(batch), features)
+  else:
+    fn = lambda state, batch: step(state, batch, clean(batch))
+  return jax.jit(fn, out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
