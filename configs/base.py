@@ -56,9 +56,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.sgr_steps = 3  # graph reasoning steps (SGR)
   c.model.dropout = 0.4  # dropout rate in the text encoder and VisualSA/TextSA
   c.model.smooth = 9.0  # inverse temperature of the region attention softmax
-  c.model.img_chunk = 4  # images per device per scan step, training SGR (bounds memory)
-  c.model.cap_chunk = 4  # captions per scan step otherwise (scoring, SAF training)
-  c.model.remat = "dots"  # what a scan step keeps for backward: none | full | dots
   c.model.dtype = "float32"  # matmul dtype: float32 | bfloat16 (accumulation float32)
 
   # ---- objective (SPEC §3) -------------------------------------------------
@@ -98,8 +95,17 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- evaluation (SPEC §5) ------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256  # examples per encoder batch
-  c.eval.img_tile = 128  # images per all-pairs scoring tile
-  c.eval.cap_tile = 256  # captions per all-pairs scoring tile
+
+  # ---- execution: how the work is cut up for the hardware (srem_jax/execution.py)
+  # Sizes left at 0 / "" come from the preset; none of them changes the result.
+  c.execution = ml_collections.ConfigDict()
+  c.execution.preset = "auto"  # auto (from the backend) | cpu | gpu (H200-class) | tpu (16 GB)
+  c.execution.matmul_precision = "highest"  # highest (exact fp32) | high | default (TF32 / 1-pass bf16)
+  c.execution.img_chunk = 0  # images per device per scan step, training SGR
+  c.execution.cap_chunk = 0  # captions per scan step: scoring, SAF training
+  c.execution.remat = ""  # what a scan step keeps for backward: none | full | dots
+  c.execution.img_tile = 0  # images per all-pairs evaluation tile
+  c.execution.cap_tile = 0  # captions per all-pairs evaluation tile
 
   # ---- devices -------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

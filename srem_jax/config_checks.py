@@ -8,7 +8,7 @@ mistake costs one line instead of a crash an hour into a run.
 
 import math
 
-from srem_jax import losses
+from srem_jax import execution, losses
 from srem_jax.errors import UserError
 
 _CHOICES = {
@@ -16,7 +16,6 @@ _CHOICES = {
   "noise.protocol": ("caption", "image"),
   "model.head": ("sgr", "saf"),
   "model.dtype": ("float32", "bfloat16"),
-  "model.remat": ("none", "full", "dots"),
 }
 # key -> (lowest, highest, lowest allowed, highest allowed)
 _RANGES = {
@@ -26,8 +25,6 @@ _RANGES = {
   "model.word_dim": (1, math.inf, True, True),
   "model.sim_dim": (1, math.inf, True, True),
   "model.sgr_steps": (1, math.inf, True, True),
-  "model.cap_chunk": (1, math.inf, True, True),
-  "model.img_chunk": (1, math.inf, True, True),
   "model.dropout": (0.0, 1.0, True, False),
   "model.smooth": (0.0, math.inf, False, True),
   "train.epochs": (1, math.inf, True, True),
@@ -44,8 +41,6 @@ _RANGES = {
   "data.caption_len": (0, math.inf, True, True),
   "data.num_workers": (0, math.inf, True, True),
   "eval.batch_size": (1, math.inf, True, True),
-  "eval.img_tile": (1, math.inf, True, True),
-  "eval.cap_tile": (1, math.inf, True, True),
 }
 
 
@@ -75,6 +70,7 @@ def validate(config, num_devices: int | None = None) -> None:
       hi = "]" if high_ok else ")"
       raise UserError(f"config {key}={value!r}: must be in {lo}{low}, {high}{hi}")
   losses.validate_loss_config(config.loss)
+  execution.resolve(config.execution)  # raises for a bad preset, size or precision
   if config.train.warmup_epochs > config.train.epochs:
     raise UserError(
       f"config train.warmup_epochs={config.train.warmup_epochs} exceeds "

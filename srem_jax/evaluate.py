@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from srem_jax import checkpoint, cli, losses, metrics, sharding
+from srem_jax import checkpoint, cli, execution, losses, metrics, sharding
 from srem_jax.data import dataset, pipeline
 from srem_jax.errors import UserError
 from srem_jax.models import tiling
@@ -105,7 +105,8 @@ def similarity_matrix(model, variables, split, config, mesh, caption_len, num_im
   )
   rows = sharding.data_sharding(mesh)
   full = sharding.replicated(mesh)
-  img_tile = _round_up(config.eval.img_tile, mesh.devices.size)
+  plan = execution.resolve(config.execution)
+  img_tile = _round_up(plan.img_tile, mesh.devices.size)
   score = _eval_functions(model, mesh)[2]
 
   def place(tree, where):
@@ -119,7 +120,7 @@ def similarity_matrix(model, variables, split, config, mesh, caption_len, num_im
     img,
     cap,
     img_tile=img_tile,
-    cap_tile=config.eval.cap_tile,
+    cap_tile=plan.cap_tile,
   )
   return sims, cap_to_img
 
@@ -243,6 +244,7 @@ def _models_for(path, config, split, caption_len, torch_model):
   NCR `opt`), so SGR and SAF checkpoints form an ensemble in one command.
   """
   vocab_size = split.vocab_size
+  plan = execution.resolve(config.execution)
   if path.endswith((".pth", ".pth.tar", ".tar")):
     from srem_jax.models import torch_import  # needs the optional torch extra
 
@@ -254,11 +256,11 @@ def _models_for(path, config, split, caption_len, torch_model):
           f"{path}: the checkpoint's vocabulary has {vocab} words but the "
           f"prepared data uses {vocab_size}; use the vocabulary it was trained with"
         )
-      model = build_model(_model_config(config, overrides), vocab_size)
+      model = build_model(_model_config(config, overrides), vocab_size, plan)
       pairs.append((model, variables))
     return pairs
   variables, record = checkpoint.load_variables(path)
-  model = build_model(_model_config(config, record.get("model", {})), vocab_size)
+  model = build_model(_model_config(config, record.get("model", {})), vocab_size, plan)
   expected = _abstract_variables(model, split, caption_len)
   checkpoint.check_shapes(variables, expected, path)
   return [(model, variables)]

@@ -23,6 +23,7 @@ from srem_jax import (
   config_checks,
   diagnostics,
   evaluate,
+  execution,
   gmm,
   paths,
   plots,
@@ -112,6 +113,8 @@ def _open_run(config, workdir: str) -> _Run:
   mesh = sharding.make_mesh(config.mesh.data)
   report = Reporter(workdir)
   report.log(f"workdir: {paths.absolute(workdir)}")
+  plan = execution.resolve(config.execution)
+  report.log(f"execution: {plan.reason}")
   data = dataset.open_data(config, workdir, log=report.log)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if data.noise.path:
@@ -145,7 +148,7 @@ def _open_run(config, workdir: str) -> _Run:
     report=report,
     data=data,
     loader=loader,
-    model=build_model(config.model, data.vocab_size),
+    model=build_model(config.model, data.vocab_size, plan),
     tx=make_optimizer(tcfg, loader.steps_per_epoch),
     ckpt=checkpoint.Checkpointer(workdir),
     steps_per_epoch=loader.steps_per_epoch,

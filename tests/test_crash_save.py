@@ -51,8 +51,8 @@ def command(data_dir, workdir):
     "train.log_every_steps": 2,
     "train.checkpoint_every_steps": 1,
     "eval.batch_size": 16,
-    "eval.img_tile": 8,
-    "eval.cap_tile": 16,
+    "execution.img_tile": 8,
+    "execution.cap_tile": 16,
   }
   return [
     sys.executable,

@@ -252,7 +252,7 @@ def test_main_command_on_two_processes_writes_one_set_of_outputs(tmp_path):
     "--config.train.epochs=2",
     "--config.train.warmup_epochs=1",
     "--config.train.batch_size=16",
-    "--config.eval.img_tile=8",
+    "--config.execution.img_tile=8",
   ]
   result = subprocess.run(
     ["bash", str(LOCAL_SH), *overrides],

@@ -184,7 +184,7 @@ def test_context_and_squared_difference_gradients_equal_float64():
   )
 
 
-def _plain_context(attn, local, dtype):
+def _plain_context(attn, local, dtype, precision="highest"):
   return jnp.einsum("nrm,nre->nme", attn, local)
 
 

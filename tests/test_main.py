@@ -33,8 +33,8 @@ def tiny_config(data_dir, **train_overrides):
   c.train.lr_decay_epochs = 1
   c.train.log_every_steps = 2
   c.eval.batch_size = 16
-  c.eval.img_tile = 8
-  c.eval.cap_tile = 16
+  c.execution.img_tile = 8
+  c.execution.cap_tile = 16
   for key, value in train_overrides.items():
     c.train[key] = value
   return c

@@ -25,7 +25,7 @@ def tiny_base():
   c.train.epochs = 2
   c.train.warmup_epochs = c.train.lr_decay_epochs = 1
   c.train.log_every_steps = 100
-  c.eval.batch_size, c.eval.img_tile, c.eval.cap_tile = 16, 8, 16
+  c.eval.batch_size, c.execution.img_tile, c.execution.cap_tile = 16, 8, 16
   return c
 
 
@@ -88,8 +88,8 @@ TINY_FLAGS = [
   "--config.train.batch_size=16",
   "--config.train.log_every_steps=100",
   "--config.eval.batch_size=16",
-  "--config.eval.img_tile=8",
-  "--config.eval.cap_tile=16",
+  "--config.execution.img_tile=8",
+  "--config.execution.cap_tile=16",
 ]
 
 

@@ -69,7 +69,7 @@ def test_pair_scoring_is_split_across_devices():
   flops = {}
   for n in (1, 8):
     mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
-    model = build_model(tiny.model_config("sgr", img_dim=D, img_chunk=K), VOCAB)
+    model = build_model(tiny.model_config("sgr", img_dim=D), VOCAB).clone(img_chunk=K)
     tx = optax.sgd(0.05)
     state = train.init_state(
       model, tx, seed=0, num_regions=R, img_dim=D, caption_len=L, mesh=mesh

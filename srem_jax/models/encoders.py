@@ -11,121 +11,17 @@ text encoder. Parameter names follow the PyTorch modules (`fc`, `embed`,
     words = enc.apply(variables, tokens, lengths, train=False)  # (M, L, 16)
 """
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from srem_jax.models.numerics import dot_general_for, lax_precision, matmul
 
 NORM_EPS = 1e-8
 TORCH_BN_MOMENTUM = 0.1  # PyTorch's convention: new = (1 - m) * old + m * batch
 TORCH_BN_EPS = 1e-5
-
-
-def _freeze(dims):
-  return tuple(tuple(tuple(int(i) for i in axes) for axes in pair) for pair in dims)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _low_precision_dot(lhs, rhs, dims, precision):
-  return jax.lax.dot_general(
-    lhs, rhs, dims, precision, preferred_element_type=jnp.float32
-  )
-
-
-def _low_precision_dot_fwd(lhs, rhs, dims, precision):
-  return _low_precision_dot(lhs, rhs, dims, precision), (lhs, rhs)
-
-
-def _canonical_dot(a, b, contract, batch, precision):
-  """dot_general(a, b) as one (batch, M, K) x (batch, N, K) bf16 product with
-  float32 output. XLA's CPU runtime (jaxlib 0.10) has a bf16 x bf16 -> f32
-  kernel only for some operand layouts (not e.g. for xᵀ·g, the weight
-  gradient); this one has it. The optimisation barrier keeps XLA from folding
-  the transposes back into the product."""
-  (ac, bc), (ab, bb) = contract, batch
-  a_free = [x for x in range(a.ndim) if x not in ac and x not in ab]
-  b_free = [x for x in range(b.ndim) if x not in bc and x not in bb]
-  size = lambda x, axes: int(np.prod([x.shape[i] for i in axes], dtype=np.int64))
-  batch_shape = [a.shape[i] for i in ab]
-  a3 = jnp.transpose(a, [*ab, *a_free, *ac]).reshape(
-    size(a, ab), size(a, a_free), size(a, ac)
-  )
-  b3 = jnp.transpose(b, [*bb, *b_free, *bc]).reshape(
-    size(b, bb), size(b, b_free), size(b, bc)
-  )
-  a3, b3 = jax.lax.optimization_barrier((a3, b3))
-  out = jax.lax.dot_general(
-    a3, b3, (((2,), (2,)), ((0,), (0,))), precision, preferred_element_type=jnp.float32
-  )
-  free_shape = [a.shape[i] for i in a_free] + [b.shape[i] for i in b_free]
-  return out.reshape(batch_shape + free_shape)
-
-
-def _transposed_product(g, target, other, dims, precision, target_is_lhs: bool):
-  """Cotangent of `target`, one operand of a dot_general with dimension numbers
-  `dims` whose output cotangent is `g`: g contracted with `other`, with float32
-  accumulation and output, laid out like `target`."""
-  (tc, oc), (tb, ob) = dims
-  if not target_is_lhs:
-    tc, oc, tb, ob = oc, tc, ob, tb
-  target_kept = [a for a in range(target.ndim) if a not in tc and a not in tb]
-  other_kept = [a for a in range(other.ndim) if a not in oc and a not in ob]
-  # g's axes: batch, then the lhs's kept axes, then the rhs's kept axes.
-  n_batch = len(tb)
-  offset = n_batch + (len(target_kept) if target_is_lhs else 0)
-  g_other_kept = [offset + i for i in range(len(other_kept))]
-  out = _canonical_dot(
-    g, other, (g_other_kept, other_kept), (list(range(n_batch)), list(ob)), precision
-  )
-  # out's axes: batch, target's kept axes, then other's contracted axes in
-  # ascending order, each standing for the target axis it was paired with.
-  order = list(tb) + target_kept + [tc[list(oc).index(a)] for a in sorted(oc)]
-  return jnp.transpose(out, [order.index(a) for a in range(target.ndim)])
-
-
-def _low_precision_dot_bwd(dims, precision, residuals, g):
-  # Plain autodiff would multiply the float32 cotangent with the bfloat16
-  # operands, promoting both backward products to float32 (no bf16 units).
-  # Rounding the cotangent to bf16 keeps them bf16 x bf16, accumulated in
-  # float32, as mixed-precision training does.
-  lhs, rhs = residuals
-  g = g.astype(lhs.dtype)
-  d_lhs = _transposed_product(g, lhs, rhs, dims, precision, target_is_lhs=True)
-  d_rhs = _transposed_product(g, rhs, lhs, dims, precision, target_is_lhs=False)
-  return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
-
-
-_low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
-
-
-def low_precision_dot_general(
-  lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_
-):
-  """`lax.dot_general` on bfloat16 operands with float32 output whose backward
-  products also run in bfloat16 (the cotangent is rounded to bfloat16)."""
-  return _low_precision_dot(lhs, rhs, _freeze(dimension_numbers), precision)
-
-
-def dot_general_for(dtype: Any):
-  """The dot_general every matmul of the model uses for matmul dtype `dtype`:
-  float32 output always; bfloat16 backward products when `dtype` is bf16."""
-  if jnp.dtype(dtype) == jnp.float32:
-    return functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-  return low_precision_dot_general
-
-
-def matmul(spec: str, a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
-  """`einsum(spec, a, b)` with both operands cast to `dtype`, float32 output."""
-  return jnp.einsum(
-    spec,
-    a.astype(dtype),
-    b.astype(dtype),
-    preferred_element_type=jnp.float32,
-    _dot_general=dot_general_for(dtype),
-  )
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -145,16 +41,17 @@ def l1_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   return x / (jnp.sum(jnp.abs(x), axis=axis, keepdims=True) + NORM_EPS)
 
 
-def dense(features: int, dtype: Any, name: str) -> nn.Dense:
+def dense(features: int, dtype: Any, name: str, precision: str = "highest") -> nn.Dense:
   """Linear layer initialised like the reference: U(+-sqrt(6/(in+out))), bias 0.
 
   Inputs and kernel are cast to `dtype`; products accumulate and come out in
-  float32 (see `dot_general_for` for the backward pass under bfloat16).
+  float32 (see `numerics.dot_general_for` for the backward pass under bfloat16).
   """
   return nn.Dense(
     features,
     dtype=dtype,
     param_dtype=jnp.float32,
+    precision=lax_precision(precision),
     dot_general=dot_general_for(dtype),
     kernel_init=nn.initializers.xavier_uniform(),
     bias_init=nn.initializers.zeros,
@@ -211,10 +108,11 @@ class ImageEncoder(nn.Module):
 
   embed_dim: int
   dtype: Any = jnp.float32
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    regions = dense(self.embed_dim, self.dtype, "fc")(images)
+    regions = dense(self.embed_dim, self.dtype, "fc", self.precision)(images)
     return l2_normalize(regions.astype(jnp.float32))
 
 
@@ -237,6 +135,7 @@ class BiGRU(nn.Module):
 
   hidden: int
   dtype: Any = jnp.float32
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array):
@@ -260,7 +159,8 @@ class BiGRU(nn.Module):
 
     input_kernel = jnp.concatenate([fwd["input_kernel"], bwd["input_kernel"]], -1)
     input_bias = jnp.concatenate([fwd["input_bias"], bwd["input_bias"]])
-    projected = matmul("mli,ig->mlg", x, input_kernel, self.dtype) + input_bias
+    projected = matmul("mli,ig->mlg", x, input_kernel, self.dtype, self.precision)
+    projected = projected + input_bias
     proj_fwd, proj_bwd = jnp.split(projected, 2, axis=-1)
     proj_bwd = jnp.take_along_axis(proj_bwd, reverse_index[..., None], axis=1)
 
@@ -270,7 +170,8 @@ class BiGRU(nn.Module):
     def step(h, inputs):
       gates_x, valid = inputs  # (2, M, 3H), (M,)
       gates_h = (
-        matmul("dmh,dhg->dmg", h, hidden_kernel, self.dtype) + hidden_bias[:, None, :]
+        matmul("dmh,dhg->dmg", h, hidden_kernel, self.dtype, self.precision)
+        + hidden_bias[:, None, :]
       )
       xr, xz, xn = jnp.split(gates_x, 3, axis=-1)
       hr, hz, hn = jnp.split(gates_h, 3, axis=-1)
@@ -302,6 +203,7 @@ class TextEncoder(nn.Module):
   embed_dim: int
   dropout: float
   dtype: Any = jnp.float32
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, tokens, lengths, *, train: bool) -> jax.Array:
@@ -313,5 +215,7 @@ class TextEncoder(nn.Module):
       name="embed",
     )
     words = nn.Dropout(self.dropout)(embed(tokens), deterministic=not train)
-    forward, backward = BiGRU(self.embed_dim, self.dtype, name="cap_rnn")(words, mask)
+    forward, backward = BiGRU(
+      self.embed_dim, self.dtype, self.precision, name="cap_rnn"
+    )(words, mask)
     return jnp.where(mask[..., None], l2_normalize((forward + backward) / 2), 0.0)

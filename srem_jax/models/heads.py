@@ -53,8 +53,8 @@ from srem_jax.models.encoders import (
   dense,
   l1_normalize,
   l2_normalize,
-  matmul,
 )
+from srem_jax.models.numerics import lax_precision, matmul, on_cpu
 
 # What a caption chunk keeps for the backward pass: everything ("none"),
 # only its inputs ("full": the backward repeats the whole forward), or the
@@ -76,25 +76,27 @@ def masked_softmax(logits: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Ar
   return jax.nn.softmax(logits, axis=axis) * mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def attended_context(attn: jax.Array, local: jax.Array, dtype: Any) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def attended_context(
+  attn: jax.Array, local: jax.Array, dtype: Any, precision: str = "highest"
+) -> jax.Array:
   """Context (n, m, E) = attn (n, R, m) contracted with regions (n, R, E) over R.
 
   Its gradients are written out so that each product contracts a leading or
   trailing axis of the (n, m, E) cotangent; plain autodiff made XLA transpose
   that tensor (the largest of the step) before the regions' gradient.
   """
-  return matmul("nrm,nre->nme", attn, local, dtype)
+  return matmul("nrm,nre->nme", attn, local, dtype, precision)
 
 
-def _attended_context_fwd(attn, local, dtype):
-  return attended_context(attn, local, dtype), (attn, local)
+def _attended_context_fwd(attn, local, dtype, precision):
+  return attended_context(attn, local, dtype, precision), (attn, local)
 
 
-def _attended_context_bwd(dtype, residuals, grad):
+def _attended_context_bwd(dtype, precision, residuals, grad):
   attn, local = residuals
-  grad_attn = jnp.swapaxes(matmul("nme,nre->nmr", grad, local, dtype), 1, 2)
-  grad_local = matmul("nrm,nme->nre", attn, grad, dtype)
+  grad_attn = jnp.swapaxes(matmul("nme,nre->nmr", grad, local, dtype, precision), 1, 2)
+  grad_local = matmul("nrm,nme->nre", attn, grad, dtype, precision)
   return grad_attn.astype(attn.dtype), grad_local.astype(local.dtype)
 
 
@@ -105,9 +107,10 @@ attended_context.defvjp(_attended_context_fwd, _attended_context_bwd)
 def squared_difference(context: jax.Array, words: jax.Array) -> jax.Array:
   """(context - words)^2 for context (n, c, l, E) and words (c, l, E).
 
-  The words' gradient sums the n image slices with n - 1 plain adds: XLA's CPU
-  runtime otherwise emits a reduce over the leading axis that ran ~15x slower
-  than memory allows inside the fused dot it lands in.
+  On the CPU the words' gradient sums the n image slices with n - 1 plain
+  adds: XLA's CPU runtime otherwise emits a reduce over the leading axis that
+  ran ~15x slower than memory allows inside the fused dot it lands in. Other
+  platforms get the plain sum (`sum_image_slices`).
   """
   return jnp.square(context - words[None])
 
@@ -116,13 +119,26 @@ def _squared_difference_fwd(context, words):
   return squared_difference(context, words), (context, words)
 
 
+def sum_image_slices(x: jax.Array, path: str) -> jax.Array:
+  """x summed over its leading axis: "cpu" as n - 1 adds of slices, "plain"
+  as one reduction; the same numbers up to float32 summation order."""
+  if path == "plain":
+    return jnp.sum(x, axis=0)
+  total = x[0]
+  for i in range(1, x.shape[0]):
+    total = total + x[i]
+  return total
+
+
 def _squared_difference_bwd(residuals, grad):
   context, words = residuals
   grad_context = 2 * (context - words[None]) * grad
-  grad_words = -grad_context[0]
-  for i in range(1, grad_context.shape[0]):
-    grad_words = grad_words - grad_context[i]
-  return grad_context, grad_words
+  summed = on_cpu(
+    functools.partial(sum_image_slices, path="cpu"),
+    functools.partial(sum_image_slices, path="plain"),
+    grad_context,
+  )
+  return grad_context, -summed
 
 
 squared_difference.defvjp(_squared_difference_fwd, _squared_difference_bwd)
@@ -134,23 +150,28 @@ class VisualSA(nn.Module):
   embed_dim: int
   dropout: float
   dtype: Any = jnp.float32
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, local: jax.Array, *, train: bool) -> jax.Array:
     drop = nn.Dropout(self.dropout, deterministic=not train)
-    local_emb = dense(self.embed_dim, self.dtype, "embedding_local")(local)
+    local_emb = dense(self.embed_dim, self.dtype, "embedding_local", self.precision)(
+      local
+    )
     local_emb = TorchBatchNorm(channel_axis=1, name="embedding_local_bn")(
       local_emb, train=train
     )
     local_emb = drop(jnp.tanh(local_emb))
-    global_emb = dense(self.embed_dim, self.dtype, "embedding_global")(
+    global_emb = dense(self.embed_dim, self.dtype, "embedding_global", self.precision)(
       jnp.mean(local, axis=1)
     )
     global_emb = TorchBatchNorm(channel_axis=-1, name="embedding_global_bn")(
       global_emb, train=train
     )
     global_emb = drop(jnp.tanh(global_emb))
-    common = dense(1, self.dtype, "embedding_common")(local_emb * global_emb[:, None])
+    common = dense(1, self.dtype, "embedding_common", self.precision)(
+      local_emb * global_emb[:, None]
+    )
     weights = jax.nn.softmax(common[..., 0].astype(jnp.float32), axis=1)
     return l2_normalize(jnp.sum(weights[..., None] * local, axis=1))
 
@@ -161,6 +182,7 @@ class TextSA(nn.Module):
   embed_dim: int
   dropout: float
   dtype: Any = jnp.float32
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, words: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
@@ -168,12 +190,18 @@ class TextSA(nn.Module):
     real = mask[..., None].astype(jnp.float32)
     mean_word = jnp.sum(words * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1)
     local_emb = drop(
-      jnp.tanh(dense(self.embed_dim, self.dtype, "embedding_local")(words))
+      jnp.tanh(
+        dense(self.embed_dim, self.dtype, "embedding_local", self.precision)(words)
+      )
     )
     global_emb = drop(
-      jnp.tanh(dense(self.embed_dim, self.dtype, "embedding_global")(mean_word))
+      jnp.tanh(
+        dense(self.embed_dim, self.dtype, "embedding_global", self.precision)(mean_word)
+      )
     )
-    common = dense(1, self.dtype, "embedding_common")(local_emb * global_emb[:, None])
+    common = dense(1, self.dtype, "embedding_common", self.precision)(
+      local_emb * global_emb[:, None]
+    )
     weights = masked_softmax(common[..., 0].astype(jnp.float32), mask, axis=1)
     return l2_normalize(jnp.sum(weights[..., None] * words, axis=1))
 
@@ -196,8 +224,8 @@ class DenseParams(nn.Module):
     return kernel, self.param("bias", nn.initializers.zeros, (self.features,))
 
 
-def _linear(x, kernel, bias, dtype):
-  return matmul("...i,io->...o", x, kernel, dtype) + bias
+def _linear(x, kernel, bias, dtype, precision):
+  return matmul("...i,io->...o", x, kernel, dtype, precision) + bias
 
 
 class GraphReasoning(nn.Module):
@@ -215,6 +243,7 @@ class GraphReasoning(nn.Module):
   sim_dim: int
   only_first: bool = False
   dtype: Any = jnp.float32
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, nodes: jax.Array, node_mask: jax.Array) -> jax.Array:
@@ -222,25 +251,32 @@ class GraphReasoning(nn.Module):
     query_kernel, query_bias = DenseParams(in_dim, self.sim_dim, name="graph_query_w")()
     key_kernel, _ = DenseParams(in_dim, self.sim_dim, name="graph_key_w")()
     graph_kernel, graph_bias = DenseParams(in_dim, self.sim_dim, name="sim_graph_w")()
-    bilinear = query_kernel @ key_kernel.T
-    key_bias = key_kernel @ query_bias
+    exact = lax_precision(self.precision)
+    bilinear = jnp.matmul(query_kernel, key_kernel.T, precision=exact)
+    key_bias = jnp.matmul(key_kernel, query_bias, precision=exact)
+    dtype, precision = self.dtype, self.precision
     edge_mask = node_mask[None, :, None, :]
     if self.only_first:
-      query = _linear(nodes[:, :, :1], bilinear, key_bias, self.dtype)
-      logits = matmul("ncis,ncjs->ncij", query, nodes, self.dtype)
+      query = _linear(nodes[:, :, :1], bilinear, key_bias, dtype, precision)
+      logits = matmul("ncis,ncjs->ncij", query, nodes, dtype, precision)
       edges = masked_softmax(logits, edge_mask, axis=-1)
-      gathered = matmul("ncij,ncjs->ncis", edges, nodes, self.dtype)
-      return nn.relu(_linear(gathered[:, :, 0], graph_kernel, graph_bias, self.dtype))
+      gathered = matmul("ncij,ncjs->ncis", edges, nodes, dtype, precision)
+      return nn.relu(
+        _linear(gathered[:, :, 0], graph_kernel, graph_bias, dtype, precision)
+      )
     projected = matmul(
       "ncjs,st->ncjt",
       nodes,
       jnp.concatenate([bilinear, graph_kernel], axis=1),
-      self.dtype,
+      dtype,
+      precision,
     )
     query, values = jnp.split(projected, 2, axis=-1)
-    logits = matmul("ncis,ncjs->ncij", query + key_bias, nodes, self.dtype)
+    logits = matmul("ncis,ncjs->ncij", query + key_bias, nodes, dtype, precision)
     edges = masked_softmax(logits, edge_mask, axis=-1)
-    return nn.relu(matmul("ncij,ncjs->ncis", edges, values, self.dtype) + graph_bias)
+    return nn.relu(
+      matmul("ncij,ncjs->ncis", edges, values, dtype, precision) + graph_bias
+    )
 
 
 class PairHead(nn.Module):
@@ -257,6 +293,7 @@ class PairHead(nn.Module):
   smooth: float
   train: bool
   dtype: Any = jnp.float32
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, carry, images, captions, saf_running):
@@ -267,16 +304,22 @@ class PairHead(nn.Module):
     # Regions lead the (n, r, c, l) layout so that both context products and
     # their gradients contract over a leading or trailing axis: no transposes
     # of the (n, c, l, E) tensors.
-    attn = matmul("nre,cle->nrcl", local, words, self.dtype)
+    attn = matmul("nre,cle->nrcl", local, words, self.dtype, self.precision)
     attn = jax.nn.leaky_relu(attn, 0.1) * mask
     attn = jax.nn.softmax(self.smooth * l2_normalize(attn), axis=1)
     n, r, c, length = attn.shape
-    context = attended_context(attn.reshape(n, r, c * length), local, self.dtype)
+    context = attended_context(
+      attn.reshape(n, r, c * length), local, self.dtype, self.precision
+    )
     context = l2_normalize(context.reshape(n, c, length, -1))
     local_sim = squared_difference(context, words)
-    local_nodes = dense(self.sim_dim, self.dtype, "sim_tranloc_w")(local_sim)
+    local_nodes = dense(self.sim_dim, self.dtype, "sim_tranloc_w", self.precision)(
+      local_sim
+    )
     global_sim = jnp.square(img_glob[:, None] - cap_glob[None])
-    global_node = dense(self.sim_dim, self.dtype, "sim_tranglo_w")(global_sim)
+    global_node = dense(self.sim_dim, self.dtype, "sim_tranglo_w", self.precision)(
+      global_sim
+    )
     nodes = jnp.concatenate(
       [
         l2_normalize(global_node.astype(jnp.float32))[:, :, None],
@@ -290,15 +333,21 @@ class PairHead(nn.Module):
       for step in range(self.sgr_steps):
         last = step == self.sgr_steps - 1
         nodes = GraphReasoning(
-          self.sim_dim, only_first=last, dtype=self.dtype, name=f"SGR_module_{step}"
+          self.sim_dim,
+          only_first=last,
+          dtype=self.dtype,
+          precision=self.precision,
+          name=f"SGR_module_{step}",
         )(nodes, node_mask)
       sim_vec = nodes if self.sgr_steps else nodes[:, :, 0]
       saf_stats = None
     else:
       sim_vec, saf_stats = AttentionFiltration(
-        self.train, self.dtype, name="SAF_module"
+        self.train, self.dtype, self.precision, name="SAF_module"
       )(nodes, node_mask, saf_running)
-    score = dense(1, self.dtype, "sim_eval_w")(sim_vec)[..., 0].astype(jnp.float32)
+    score = dense(1, self.dtype, "sim_eval_w", self.precision)(sim_vec)[..., 0].astype(
+      jnp.float32
+    )
     return carry, (jax.nn.sigmoid(score), saf_stats)
 
 
@@ -312,10 +361,13 @@ class AttentionFiltration(nn.Module):
 
   train: bool
   dtype: Any = jnp.float32
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, nodes, node_mask, running):
-    logits = dense(1, self.dtype, "attn_sim_w")(nodes)[..., 0].astype(jnp.float32)
+    logits = dense(1, self.dtype, "attn_sim_w", self.precision)(nodes)[..., 0].astype(
+      jnp.float32
+    )
     scale = self.param("bn_scale", nn.initializers.ones, (1,))
     bias = self.param("bn_bias", nn.initializers.zeros, (1,))
     real = node_mask[None].astype(jnp.float32)
@@ -330,7 +382,7 @@ class AttentionFiltration(nn.Module):
       )
     normed = (logits - mean[:, None]) * jax.lax.rsqrt(var[:, None] + TORCH_BN_EPS)
     weights = l1_normalize(jax.nn.sigmoid(normed * scale + bias) * real)
-    pooled = matmul("ncj,ncjs->ncs", weights, nodes, self.dtype)
+    pooled = matmul("ncj,ncjs->ncs", weights, nodes, self.dtype, self.precision)
     return l2_normalize(pooled), (mean, var, count)
 
 
@@ -345,6 +397,7 @@ class SimilarityHead(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "dots"
   img_chunk: int = 4
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, local, img_glob, words, cap_glob, mask, *, train: bool):
@@ -404,6 +457,7 @@ class SimilarityHead(nn.Module):
       smooth=self.smooth,
       train=train,
       dtype=self.dtype,
+      precision=self.precision,
       name="pairs",
     )
     _, (scores, saf_stats) = scan_head(None, images, captions, running)

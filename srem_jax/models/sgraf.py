@@ -18,9 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from srem_jax import execution
 from srem_jax.errors import UserError
 from srem_jax.models.encoders import ImageEncoder, TextEncoder
-from srem_jax.models.heads import REMAT_MODES, SimilarityHead, TextSA, VisualSA
+from srem_jax.models.heads import SimilarityHead, TextSA, VisualSA
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -49,26 +50,30 @@ class SGRAF(nn.Module):
   dropout: float = 0.4
   smooth: float = 9.0
   dtype: Any = jnp.float32
+  # Execution sizes (`srem_jax.execution`): they change how the work is cut
+  # into scan steps, not what is computed.
   cap_chunk: int = 4  # captions per scan step (scoring, SAF training)
   remat: str = "dots"  # what a chunk keeps for backward: none | full | dots
   img_chunk: int = 4  # images per device per scan step (SGR training)
+  precision: str = "highest"  # matmul precision: highest | high | default
 
   def setup(self):
-    self.img_enc = ImageEncoder(self.embed_dim, self.dtype)
+    numerics = dict(dtype=self.dtype, precision=self.precision)
+    self.img_enc = ImageEncoder(self.embed_dim, **numerics)
     self.txt_enc = TextEncoder(
-      self.vocab_size, self.word_dim, self.embed_dim, self.dropout, self.dtype
+      self.vocab_size, self.word_dim, self.embed_dim, self.dropout, **numerics
     )
-    self.v_global_w = VisualSA(self.embed_dim, self.dropout, self.dtype)
-    self.t_global_w = TextSA(self.embed_dim, self.dropout, self.dtype)
+    self.v_global_w = VisualSA(self.embed_dim, self.dropout, **numerics)
+    self.t_global_w = TextSA(self.embed_dim, self.dropout, **numerics)
     self.sim_enc = SimilarityHead(
       self.head,
       self.sim_dim,
       self.sgr_steps,
       self.smooth,
-      self.cap_chunk,
-      self.dtype,
-      self.remat,
-      self.img_chunk,
+      cap_chunk=self.cap_chunk,
+      remat=self.remat,
+      img_chunk=self.img_chunk,
+      **numerics,
     )
 
   def encode_images(self, images: jax.Array, *, train: bool) -> ImageEmbedding:
@@ -89,8 +94,10 @@ class SGRAF(nn.Module):
     return self.score(img, cap, train=train)
 
 
-def build_model(model_cfg, vocab_size: int) -> SGRAF:
-  """SGRAF from `config.model`; bad head or dtype names are UserErrors."""
+def build_model(model_cfg, vocab_size: int, plan: execution.Execution | None = None):
+  """SGRAF from `config.model`, cut into pieces as `plan` says (default: the
+  sizes `execution.resolve()` picks for this machine). Bad head or dtype names
+  are UserErrors."""
   if model_cfg.head not in ("sgr", "saf"):
     raise UserError(
       f"config.model.head: expected 'sgr' or 'saf', got {model_cfg.head!r}"
@@ -99,11 +106,7 @@ def build_model(model_cfg, vocab_size: int) -> SGRAF:
     raise UserError(
       f"config.model.dtype: expected one of {sorted(DTYPES)}, got {model_cfg.dtype!r}"
     )
-  remat = model_cfg.get("remat", "dots")
-  if remat not in REMAT_MODES:
-    raise UserError(
-      f"config.model.remat: expected one of {list(REMAT_MODES)}, got {remat!r}"
-    )
+  plan = plan or execution.resolve()
   return SGRAF(
     vocab_size=vocab_size,
     head=model_cfg.head,
@@ -115,7 +118,5 @@ def build_model(model_cfg, vocab_size: int) -> SGRAF:
     dropout=model_cfg.dropout,
     smooth=model_cfg.smooth,
     dtype=DTYPES[model_cfg.dtype],
-    cap_chunk=model_cfg.get("cap_chunk", 4),
-    remat=remat,
-    img_chunk=model_cfg.get("img_chunk", 4),
+    **plan.model_kwargs(),
   )

@@ -1,0 +1,182 @@
+"""How the model's computation is laid out on the hardware, apart from the model.
+
+Owns the execution presets (`PRESETS`: scan chunk sizes, rematerialisation,
+all-pairs evaluation tiles for CPUs, H200-class GPUs and 16-32 GB TPU chips),
+the matmul precisions (`PRECISIONS`) and `resolve`, which turns
+`config.execution` into concrete sizes for the device at hand: with
+`preset="auto"` the backend picks the preset, and a device that reports less
+memory than the preset was sized for gets proportionally smaller chunks and
+tiles (never larger ones). None of this changes what is computed, only in how many pieces, so a
+checkpoint trained under one preset evaluates identically under another
+(up to float32 summation order).
+
+    plan = execution.resolve(config.execution)
+    print(plan.reason)  # "preset gpu (auto: ...): img_chunk 32, ..."
+    model = build_model(config.model, vocab_size, plan)
+"""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+
+from srem_jax.errors import UserError
+from srem_jax.models.heads import REMAT_MODES
+from srem_jax.models.numerics import PRECISIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  img_chunk: int  # images per device per scan step, training SGR
+  cap_chunk: int  # captions per scan step: scoring, SAF training
+  remat: str  # what a scan step keeps for the backward pass
+  img_tile: int  # images per all-pairs evaluation tile
+  cap_tile: int  # captions per all-pairs evaluation tile
+  sized_for_bytes: float  # device memory the sizes above were chosen for
+  why: str
+
+
+GIB = 1024**3
+
+# Per scan step, the largest tensors are (images, captions, words, E) float32:
+# ~40 MB per image against 128 captions of 77 words at E = 1024 when
+# training, ~0.3 GB per caption against 1,000 images when scoring. The
+# compiled programs' own needs at these sizes are printed by
+# `python -m srem_jax.bench checks` (and tested).
+PRESETS = {
+  "cpu": Preset(
+    img_chunk=4,
+    cap_chunk=4,
+    remat="dots",
+    img_tile=128,
+    cap_tile=256,
+    sized_for_bytes=0,
+    why="chunks that stay in a CPU's caches",
+  ),
+  "gpu": Preset(
+    img_chunk=32,
+    cap_chunk=16,
+    remat="dots",
+    img_tile=1024,
+    cap_tile=1024,
+    sized_for_bytes=140 * GIB,
+    why="few, large scan steps for an H200-class GPU (141 GB)",
+  ),
+  "tpu": Preset(
+    img_chunk=8,
+    cap_chunk=8,
+    remat="dots",
+    img_tile=256,
+    cap_tile=512,
+    sized_for_bytes=15 * GIB,
+    why="sized for a 16 GB TPU chip (v5e); fits 32 GB chips too",
+  ),
+}
+PRESET_NAMES = ("auto", *PRESETS)
+
+
+class Execution(NamedTuple):
+  """Concrete execution sizes for one run, and why they were chosen."""
+
+  preset: str
+  img_chunk: int
+  cap_chunk: int
+  remat: str
+  img_tile: int
+  cap_tile: int
+  matmul_precision: str
+  reason: str
+
+  def model_kwargs(self) -> dict[str, Any]:
+    """The SGRAF fields these sizes set."""
+    return dict(
+      img_chunk=self.img_chunk,
+      cap_chunk=self.cap_chunk,
+      remat=self.remat,
+      precision=self.matmul_precision,
+    )
+
+
+def platform_preset(platform: str) -> str:
+  """The preset for a jax platform name (cpu, gpu/cuda/rocm, tpu)."""
+  if platform in ("gpu", "cuda", "rocm"):
+    return "gpu"
+  return "tpu" if platform == "tpu" else "cpu"
+
+
+def device_memory_bytes(device) -> int | None:
+  """Memory a device reports it can allocate, or None (the CPU reports none)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # some backends raise instead of returning None
+    return None
+  return (stats or {}).get("bytes_limit") or None
+
+
+def _floor_pow2(x: float) -> int:
+  return 1 << max(0, int(x).bit_length() - 1) if x >= 1 else 1
+
+
+def _scaled(preset: Preset, memory: int | None) -> tuple[Preset, str]:
+  """The preset with chunks and tiles scaled down to a device with less
+  memory than the preset was sized for (never up)."""
+  if not memory or not preset.sized_for_bytes:
+    return preset, ""
+  ratio = memory / preset.sized_for_bytes
+  if ratio >= 0.9:
+    return preset, f"{memory / GIB:.1f} GiB per device"
+  shrink = lambda x: _floor_pow2(x * ratio)
+  scaled = dataclasses.replace(
+    preset,
+    img_chunk=shrink(preset.img_chunk),
+    cap_chunk=shrink(preset.cap_chunk),
+    img_tile=max(8, shrink(preset.img_tile)),
+  )
+  return scaled, f"{memory / GIB:.1f} GiB per device, sizes scaled by {ratio:.2f}"
+
+
+def resolve(exec_cfg=None, device=None) -> Execution:
+  """Concrete sizes from `config.execution` (None = all defaults) for `device`
+  (default: the first device). Fields left at 0 or "" come from the preset."""
+  get = (lambda k, d: d) if exec_cfg is None else (lambda k, d: exec_cfg.get(k, d))
+  name = get("preset", "auto")
+  if name not in PRESET_NAMES:
+    raise UserError(
+      f"config execution.preset={name!r}: must be one of {', '.join(PRESET_NAMES)}"
+    )
+  precision = get("matmul_precision", "highest")
+  if precision not in PRECISIONS:
+    raise UserError(
+      f"config execution.matmul_precision={precision!r}: must be one of "
+      f"{', '.join(PRECISIONS)}"
+    )
+  device = device or jax.devices()[0]
+  how = "chosen"
+  if name == "auto":
+    name = platform_preset(device.platform)
+    how = f"auto: backend {device.platform}, {device.device_kind}"
+  preset, memory_note = _scaled(PRESETS[name], device_memory_bytes(device))
+  sizes = {}
+  for key in ("img_chunk", "cap_chunk", "img_tile", "cap_tile"):
+    value = get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise UserError(
+        f"config execution.{key}={value!r}: must be a positive integer "
+        "(0 = the preset's)"
+      )
+    sizes[key] = value or getattr(preset, key)
+  remat = get("remat", "") or preset.remat
+  if remat not in REMAT_MODES:
+    raise UserError(
+      f"config execution.remat={remat!r}: must be one of {', '.join(REMAT_MODES)} "
+      "or '' (the preset's)"
+    )
+  notes = ", ".join(x for x in (how, memory_note) if x)
+  reason = (
+    f"preset {name} ({notes}; {preset.why}): img_chunk {sizes['img_chunk']}, "
+    f"cap_chunk {sizes['cap_chunk']}, remat {remat}, eval tiles "
+    f"{sizes['img_tile']}x{sizes['cap_tile']}, matmul precision {precision}"
+  )
+  return Execution(
+    preset=name, remat=remat, matmul_precision=precision, reason=reason, **sizes
+  )
