@@ -121,3 +121,85 @@ def test_rejects_empty_and_non_finite_input():
     gmm.gmm_clean_mask(np.array([0.1, np.nan]), np.array([0.1, 0.2]))
   with pytest.raises(ValueError, match="energy has"):
     gmm.gmm_clean_mask(np.zeros(3), np.zeros(4))
+
+
+# ---- against scikit-learn's GaussianMixture, as NCR configures it ------------
+def _losses():
+  """Loss-like inputs: clean/noisy mixtures of several proportions, edge cases."""
+  cases = {}
+  for seed in range(3):
+    rng = np.random.default_rng(seed)
+    for noise in (0.0, 0.2, 0.5, 0.8):
+      n_noisy = int(noise * 1000)
+      clean = rng.gamma(2.0, 0.1, 1000 - n_noisy)  # skewed towards low losses
+      noisy = rng.normal(1.0, 0.25, n_noisy)
+      cases[f"seed{seed}-noise{noise}"] = rng.permutation(np.r_[clean, noisy])
+  rng = np.random.default_rng(10)
+  cases["all-equal"] = np.full(50, 0.3)
+  cases["two-equal"] = np.full(2, 1.0)
+  cases["two-values"] = np.r_[np.full(30, 0.1), np.full(10, 0.9)]
+  cases["three-values"] = np.repeat([0.0, 1.0, 2.0], 20)  # middle one equidistant
+  cases["high-outlier"] = np.r_[rng.normal(0.0, 1.0, 999), 100.0]
+  cases["low-outlier"] = np.r_[-100.0, rng.normal(0.0, 1.0, 499)]
+  for n in (2, 3, 5):
+    cases[f"n={n}"] = rng.uniform(size=n)
+  return cases
+
+
+LOSSES = _losses()
+
+
+def min_max(x):
+  """NCR's normalisation; a constant input becomes zeros instead of NaN."""
+  span = x.max() - x.min()
+  return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+
+def sklearn_clean_posterior(z, tol=1e-2, **init):
+  mixture = pytest.importorskip("sklearn.mixture")
+  reference = mixture.GaussianMixture(
+    n_components=2, max_iter=10, tol=tol, reg_covar=5e-4, **init
+  ).fit(z[:, None])
+  return reference, reference.predict_proba(z[:, None])[:, reference.means_.argmin()]
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+# tol=0 runs all 10 iterations, so the iteration cap is compared too.
+@pytest.mark.parametrize("tol", [1e-2, 0.0])
+@pytest.mark.parametrize("x", LOSSES.values(), ids=LOSSES.keys())
+def test_em_equals_sklearn_from_the_same_start(x, tol):
+  z = min_max(x)
+  fit = gmm.fit_gmm_1d(z, tol=tol)
+  means, variances, weights = gmm._initial_params(z, 0, 5e-4)
+  reference, expected = sklearn_clean_posterior(
+    z,
+    tol=tol,
+    weights_init=weights,
+    means_init=means[:, None],
+    precisions_init=1.0 / variances[:, None, None],
+  )
+  posterior = gmm.clean_posterior(fit, z)
+  np.testing.assert_allclose(posterior, expected, rtol=1e-9, atol=1e-12)
+  np.testing.assert_array_equal(posterior > 0.5, expected > 0.5)
+  order = np.argsort(reference.means_[:, 0], kind="stable")
+  np.testing.assert_allclose(fit.means, reference.means_[order, 0], atol=1e-12)
+  np.testing.assert_allclose(
+    fit.variances, reference.covariances_[order, 0, 0], rtol=1e-9
+  )
+  np.testing.assert_allclose(fit.weights, reference.weights_[order], atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")  # k-means on < 2 distinct values
+@pytest.mark.parametrize("x", LOSSES.values(), ids=LOSSES.keys())
+def test_default_fit_is_within_sklearn_run_to_run_spread(x):
+  # NCR leaves random_state unset, so its k-means start changes from run to run
+  # and moves a few boundary points; ours may differ from any one run, but by no
+  # more than two of its runs differ from each other.
+  z = min_max(x)
+  posterior = gmm.clean_posterior(gmm.fit_gmm_1d(z), z)
+  runs = [sklearn_clean_posterior(z, random_state=s)[1] for s in range(10)]
+  spread = max(np.abs(a - b).max() for a in runs for b in runs)
+  split_spread = max(np.sum((a > 0.5) != (b > 0.5)) for a in runs for b in runs)
+  assert max(np.abs(posterior - run).max() for run in runs) <= spread + 1e-12
+  assert max(np.sum((posterior > 0.5) != (run > 0.5)) for run in runs) <= split_spread

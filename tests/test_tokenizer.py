@@ -1,11 +1,15 @@
-"""Tokenizer against hand-written NLTK word_tokenize outputs; Vocab JSON round trip."""
+"""Tokenizer against hand-written NLTK word_tokenize outputs and NLTK's word
+tokenizer on hand-split sentences; Vocab JSON round trip."""
 
 import json
 
+import nltk
 import numpy as np
 import pytest
+from nltk.tokenize import NLTKWordTokenizer
 
 from srem_jax.data import build_vocab, tokenizer
+from srem_jax.data.tokenizer import Vocab
 from srem_jax.errors import UserError
 
 # Expected lists are what `nltk.word_tokenize(caption.lower())` returns.
@@ -226,17 +230,103 @@ def test_build_vocab_file_counts_train_and_dev_only(tmp_path):
     build_vocab.build_vocab_file(str(tmp_path), "toy_precomp")
 
 
-def test_agrees_with_nltk_when_it_is_installed():
-  """Single-sentence captions: NLTK's word tokenizer needs no punkt model."""
-  destructive = pytest.importorskip("nltk.tokenize.destructive")
-  reference = destructive.NLTKWordTokenizer()
-  extra = [
-    "It's 5:30 p.m. and the sun's setting",
+# Real-looking captions with the sentences punkt cuts the lower-cased text into,
+# written out by hand so the reference does not depend on our splitter.
+SENTENCES = [
+  ("It's 5:30 p.m. and the sun's setting", ["it's 5:30 p.m. and the sun's setting"]),
+  (
     "Three kids (two boys and a girl) play in the 2-foot-deep pool!",
+    ["three kids (two boys and a girl) play in the 2-foot-deep pool!"],
+  ),
+  (
     "Workers can't stop, won't stop, shan't stop.",
-    "A 3.5-inch screen shows 1,000 photos.",
-    "Rock 'n' roll band on stage",
+    ["workers can't stop, won't stop, shan't stop."],
+  ),
+  ("A 3.5-inch screen shows 1,000 photos.", ["a 3.5-inch screen shows 1,000 photos."]),
+  ("Rock 'n' roll band on stage", ["rock 'n' roll band on stage"]),
+  (
+    'A man holds a sign: "I\'m hungry." People walk by.',
+    ['a man holds a sign: "i\'m hungry."', "people walk by."],
+  ),
+  (
+    "Two girls. They're laughing; one wears a 'cool' hat.",
+    ["two girls.", "they're laughing; one wears a 'cool' hat."],
+  ),
+  (
+    "Dr. Jones (in the white coat) talks to the kids... They listen.",
+    ["dr. jones (in the white coat) talks to the kids... they listen."],
+  ),
+  (
+    "A DOG ISN'T BARKING. IT'S ASLEEP ON THE COUCH",
+    ["a dog isn't barking.", "it's asleep on the couch"],
+  ),
+  (
+    "A woman in a “red” dress — smiling — waves at noon. We'll see.",
+    ["a woman in a “red” dress — smiling — waves at noon.", "we'll see."],
+  ),
+]
+
+
+def nltk_tokens(sentences):
+  reference = NLTKWordTokenizer()
+  return [token for sentence in sentences for token in reference.tokenize(sentence)]
+
+
+@pytest.mark.parametrize("caption,sentences", SENTENCES)
+def test_equals_nltk_word_tokenizer_on_each_sentence(caption, sentences):
+  tokens = tokenizer.word_tokenize(caption)
+  assert tokens == nltk_tokens(sentences)
+  assert all(token == token.lower() for token in tokens)
+
+
+def test_single_sentence_captions_equal_nltk_word_tokenizer():
+  for caption, _ in CAPTIONS:
+    if ". " not in caption:
+      expected = NLTKWordTokenizer().tokenize(caption.lower())
+      assert tokenizer.word_tokenize(caption) == expected, caption
+
+
+def test_encode_lower_cases_and_wraps_in_start_end():
+  captions = [caption for caption, _ in SENTENCES]
+  vocab = tokenizer.build_vocab(captions, min_count=1)
+  for caption, sentences in SENTENCES:
+    expected = [Vocab.START, *(vocab.word2idx[t] for t in nltk_tokens(sentences))]
+    np.testing.assert_array_equal(vocab.encode(caption), [*expected, Vocab.END])
+    np.testing.assert_array_equal(vocab.encode(caption.upper()), vocab.encode(caption))
+  two, period = vocab.word2idx["two"], vocab.word2idx["."]
+  np.testing.assert_array_equal(
+    vocab.encode("Two ZEBRAS."), [Vocab.START, two, Vocab.UNK, period, Vocab.END]
+  )
+
+
+@pytest.fixture
+def punkt_model(tmp_path, monkeypatch):
+  """A punkt model that knows one abbreviation ("approx"), on NLTK's data path."""
+  model = tmp_path / "tokenizers" / "punkt_tab" / "english"
+  model.mkdir(parents=True)
+  (model / "abbrev_types.txt").write_text("approx\n")
+  for name in ("collocations.tab", "sent_starters.txt", "ortho_context.tab"):
+    (model / name).write_text("")
+  monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+  tokenizer._nltk.cache_clear()
+  yield
+  nltk.tokenize._get_punkt_tokenizer.cache_clear()
+  tokenizer._nltk.cache_clear()
+
+
+def test_sentences_come_from_punkt_when_its_model_is_installed(punkt_model):
+  tokens = tokenizer.word_tokenize("Approx. 5 dogs run. Mr. Smith walks.")
+  # This model keeps "approx." whole and, unlike the built-in list, ends a
+  # sentence after "mr.".
+  assert tokens == [
+    "approx.",
+    "5",
+    "dogs",
+    "run",
+    ".",
+    "mr",
+    ".",
+    "smith",
+    "walks",
+    ".",
   ]
-  for caption in [c for c, _ in CAPTIONS if ". " not in c] + extra:
-    expected = [t.lower() for t in reference.tokenize(caption)]
-    assert tokenizer.word_tokenize(caption) == expected, caption

@@ -1,15 +1,15 @@
 """Caption tokenizer and vocabulary, compatible with the SCAN/NCR vocab files.
 
-Owns `word_tokenize` (lower-cased, Penn-Treebank style as NLTK's
-`word_tokenize` splits captions, without depending on NLTK or its punkt model),
-the `Vocab` read from / written to the users' `<name>_vocab.json`, and
-`build_vocab` for new datasets.
+Owns `word_tokenize` (what `nltk.word_tokenize(caption.lower())` returns, as
+the SCAN/NCR vocabularies were built), the `Vocab` read from / written to the
+users' `<name>_vocab.json`, and `build_vocab` for new datasets.
 
     vocab = Vocab.load("data/vocab/f30k_precomp_vocab.json")
     ids = vocab.encode("A man riding a horse.")  # [1, ..., 2] int32
 """
 
 import collections
+import functools
 import json
 import os
 import re
@@ -20,28 +20,14 @@ import numpy as np
 from srem_jax.errors import UserError
 
 # ---- sentence splitting -----------------------------------------------------
-# NLTK first cuts the text into sentences with punkt, so a period that ends a
-# word in the middle of a caption ("a man. he runs") becomes its own token.
-# Punkt keeps the period on abbreviations, initials and numbers; with lower-cased
-# text its orthographic test always says "not a sentence start" for those.
-_ABBREVIATIONS = frozenset(
-  [
-    "mr",
-    "mrs",
-    "ms",
-    "dr",
-    "st",
-    "jr",
-    "sr",
-    "vs",
-    "etc",
-    "e.g",
-    "i.e",
-    "u.s",
-    "a.m",
-    "p.m",
-  ]
-)
+# `nltk.word_tokenize` first cuts the text into sentences with punkt, so a
+# period that ends a word in the middle of a caption ("a man. he runs") becomes
+# its own token. Punkt's model is downloaded data (`nltk.download("punkt_tab")`)
+# and is used when installed. Without it this splitter stands in: it cuts after
+# a word ending in a period, except after abbreviations, initials and numbers,
+# which punkt keeps whole on lower-cased text (its orthographic test never sees
+# a lower-case next word as a sentence start).
+_ABBREVIATIONS = frozenset("mr mrs ms dr st jr sr vs etc e.g i.e u.s a.m p.m".split())
 _PERIOD_END = re.compile(r"^(?P<word>.*[^.])\.[\"')\]}»”’]*$")
 _LEADING_PUNCT = re.compile(r"^[(\"`{\[:;&#*@)}\]\-,]+")
 _NUMBER = re.compile(r"^-?[.,]?\d[\d,.\-]*$")
@@ -58,7 +44,7 @@ def _ends_sentence(chunk: str) -> bool:
   return word not in _ABBREVIATIONS and word.split("-")[-1] not in _ABBREVIATIONS
 
 
-def _split_sentences(text: str) -> list[str]:
+def _split_without_punkt(text: str) -> list[str]:
   chunks = text.split()
   sentences, current = [], []
   for position, chunk in enumerate(chunks):
@@ -71,81 +57,30 @@ def _split_sentences(text: str) -> list[str]:
   return sentences
 
 
-# ---- Treebank rules, applied in order to one sentence -----------------------
-# The order matters: quotes are rewritten before punctuation is padded, and
-# clitics are split last, once every token is delimited by spaces. Each rule
-# names the strings it needs; it is skipped when none occurs, which makes a
-# typical caption 2-3x cheaper to tokenize.
-_PAD = r" \g<0> "
-_CLOSERS = r"\]\)}>\"'»”’"
-_FRONT_RULES = [
-  ("«“‘„`", r"[«“‘„]|`+", _PAD),
-  ('"', r'^"', "``"),
-  ("`", r"``", " `` "),
-  ("\"'", r"([ (\[{<])(\"|'')", r"\1 `` "),
-  # A quote opening a word, unless it starts a clitic such as 're or 's.
-  ("'", r"(?<!\w)'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", "' "),
-  # Only the final period of a sentence is split; "3.5" and "mr." stay whole.
-  (".", rf"([^.])\.([{_CLOSERS} ]*)\s*$", r"\1 . \2 "),
-  # Commas and colons inside numbers (1,000 and 12:30) are kept.
-  (":,", r"([:,])([^\d])", r" \1 \2"),
-  (":,", r"([:,])$", r" \1 "),
-  (".", r"\.{2,}", _PAD),
-  (";@#$%&", r"[;@#$%&]", _PAD),
-  ("\u2012\u2013\u2014\u2015", r"[\u2012-\u2015]", _PAD),
-  ("?!", r"[?!]", _PAD),
-  ("'", r"([^'])' ", r"\1 ' "),
-  ("*", r"[*]", _PAD),
-  ("[](){}<>", r"[\]\[(){}<>]", _PAD),
-  ("-", r"--", _PAD),
-]
-# Applied after the sentence is wrapped in spaces.
-_BACK_RULES = [
-  ("»”’", r"[»”’]", _PAD),
-  ("'", r"''", " '' "),
-  ('"', r'"', " '' "),
-  (None, r"\s+", " "),
-  ("'", r"([^' ])('s|'m|'d|') ", r"\1 \2 "),
-  ("'", r"([^' ])('ll|'re|'ve|n't) ", r"\1 \2 "),
-  # Fused words Treebank writes as two tokens ("cannot" -> "can", "not").
-  (("cannot",), r"\b(can)(not)\b", r" \1 \2 "),
-  (("d'ye",), r"\b(d)('ye)\b", r" \1 \2 "),
-  (("gimme",), r"\b(gim)(me)\b", r" \1 \2 "),
-  (("gonna",), r"\b(gon)(na)\b", r" \1 \2 "),
-  (("gotta",), r"\b(got)(ta)\b", r" \1 \2 "),
-  (("lemme",), r"\b(lem)(me)\b", r" \1 \2 "),
-  (("more'n",), r"\b(more)('n)\b", r" \1 \2 "),
-  (("wanna",), r"\b(wan)(na)(?=\s)", r" \1 \2 "),
-  (("'tis",), r" ('t)(is)\b", r" \1 \2 "),
-  (("'twas",), r" ('t)(was)\b", r" \1 \2 "),
-]
+@functools.cache
+def _nltk():
+  """NLTK's word tokenizer and sentence splitter; imported on first use (~1 s)."""
+  import nltk.tokenize
 
-
-def _compile(rules):
-  return [(needs, re.compile(pattern), repl) for needs, pattern, repl in rules]
-
-
-_FRONT, _BACK = _compile(_FRONT_RULES), _compile(_BACK_RULES)
-
-
-def _apply(rules, sentence: str) -> str:
-  for needs, pattern, replacement in rules:
-    if needs is None or any(part in sentence for part in needs):
-      sentence = pattern.sub(replacement, sentence)
-  return sentence
-
-
-def _tokenize_sentence(sentence: str) -> list[str]:
-  sentence = _apply(_FRONT, sentence)
-  return _apply(_BACK, f" {sentence} ").split()
+  if nltk.tokenize.punkt_model_available("english"):
+    split = nltk.tokenize.sent_tokenize
+  else:
+    split = _split_without_punkt
+  return nltk.tokenize.NLTKWordTokenizer(), split
 
 
 def word_tokenize(text: str) -> list[str]:
-  """Lower-cased tokens as `nltk.word_tokenize(text.lower())` gives on captions."""
-  tokens = []
-  for sentence in _split_sentences(text.lower()):
-    tokens.extend(_tokenize_sentence(sentence))
-  return tokens
+  """Lower-cased tokens as `nltk.word_tokenize(text.lower())` gives them.
+
+  Exactly so when punkt's model is installed; otherwise the sentences come
+  from `_split_without_punkt` and each is tokenized by NLTK's word tokenizer.
+  """
+  words, split_sentences = _nltk()
+  return [
+    token
+    for sentence in split_sentences(text.lower())
+    for token in words.tokenize(sentence)
+  ]
 
 
 # ---- vocabulary ---------------------------------------------------------------
