@@ -1,159 +1,88 @@
-"""TensorBoard event files written without TensorFlow or any extra package.
+"""TensorBoard event files of a run, written with tensorboardX (no TensorFlow).
 
-An event file is a sequence of TFRecord frames (length, masked CRC-32C of the
-length, payload, masked CRC-32C of the payload), each payload one serialized
-`tensorflow.Event` protobuf. The few messages needed here (Event, Summary,
-Summary.Value, HistogramProto) are encoded by hand in the protobuf wire
-format, ~60 lines: that avoids `tensorboardX` or `tensorboard` as install
-dependencies (neither is pulled in by the stack; the `tensorboard` package
-alone brings grpcio, markdown and werkzeug) and any coupling to the protobuf
-runtime's major version. TensorBoard itself only reads the files.
+Process 0 writes `<workdir>/tensorboard/events.out.tfevents.*`:
+- at start, the resolved config as text (`config`);
+- every epoch, each numeric field of the train and val records as a scalar
+  (`train/loss`, `val/rsum`, ...), histograms of every training pair's energy
+  and swapped entropy, truly clean vs truly noisy
+  (`pairs/energy_truly_clean`, ...), and the PNGs of `plots/` as images
+  (`plots/loss`, ...);
+- at the end, the final test metrics as scalars (`test/rsum`, ...) and as the
+  metrics of an hparams session whose hyper-parameters are the flattened
+  config, so `tensorboard --logdir workdirs` compares runs side by side.
+
+Summaries are built by `tensorboardX.summary` and written synchronously by
+its `EventsWriter`: `tensorboardX.SummaryWriter` queues events to a thread
+whose `flush()` does not wait for the queue, while here an epoch's events are
+in the file when `log_epoch` returns.
 
     writer = SummaryWriter("workdirs/demo/tensorboard")
     writer.scalar("val/rsum", 312.5, step=930)
-    writer.close()  # or flush(): nothing else is held open
+    writer.close()
 """
 
+import io
+import itertools
+import json
 import math
 import os
-import socket
-import struct
 import time
 
 import jax
 import numpy as np
+from PIL import Image
+from tensorboardX import event_file_writer, record_writer, summary
+from tensorboardX.proto import event_pb2, summary_pb2
 
 from srem_jax import paths
 
-# ---- CRC-32C (Castagnoli), as TFRecord frames use it ------------------------
+HISTOGRAM_BINS = 64
+_SERIAL = itertools.count()
 
 
-def _crc32c_table() -> list[int]:
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
+class _BucketObject:
+  """An event file in a bucket, rewritten whole on each flush: objects cannot
+  be appended to, and event files grow by ~180 KB per epoch (mostly PNGs)."""
+
+  def __init__(self, path: str):
+    self._path, self._data = paths.as_path(path), io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self._data.write(data)
+
+  def flush(self) -> None:
+    self._path.write_bytes(self._data.getvalue())
+
+  def close(self) -> None:
+    self.flush()
 
 
-_CRC_TABLE = _crc32c_table()
+class _BucketObjects:
+  """tensorboardX's writer factory for a URL scheme, through `etils.epath`."""
 
+  open = staticmethod(_BucketObject)
 
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  """TFRecord's masking, so a CRC of data that holds CRCs stays well mixed."""
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord_frame(payload: bytes) -> bytes:
-  length = struct.pack("<Q", len(payload))
-  return (
-    length
-    + struct.pack("<I", masked_crc32c(length))
-    + payload
-    + struct.pack("<I", masked_crc32c(payload))
-  )
-
-
-# ---- protobuf wire format for the event messages ----------------------------
-
-_VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
-
-
-def _varint(value: int) -> bytes:
-  value &= (1 << 64) - 1  # negative int64 travel as ten-byte two's complement
-  out = bytearray()
-  while True:
-    low = value & 0x7F
-    value >>= 7
-    if value:
-      out.append(low | 0x80)
-    else:
-      out.append(low)
-      return bytes(out)
-
-
-def _key(field: int, wire_type: int) -> bytes:
-  return _varint(field << 3 | wire_type)
-
-
-def _bytes_field(field: int, payload: bytes) -> bytes:
-  return _key(field, _BYTES) + _varint(len(payload)) + payload
-
-
-def _double_field(field: int, value: float) -> bytes:
-  return _key(field, _FIXED64) + struct.pack("<d", value)
-
-
-def _event(step: int, *, summary: bytes = b"", file_version: str = "") -> bytes:
-  # Event: wall_time=1 (double), step=2 (int64), file_version=3, summary=5.
-  out = _double_field(1, time.time()) + _key(2, _VARINT) + _varint(int(step))
-  if file_version:
-    out += _bytes_field(3, file_version.encode())
-  if summary:
-    out += _bytes_field(5, summary)
-  return out
-
-
-def _summary_value(tag: str, *, simple_value=None, histo: bytes = b"") -> bytes:
-  # Summary { repeated Value value = 1 }; Value: tag=1, simple_value=2 (float),
-  # histo=5.
-  value = _bytes_field(1, tag.encode())
-  if simple_value is not None:
-    value += _key(2, _FIXED32) + struct.pack("<f", simple_value)
-  if histo:
-    value += _bytes_field(5, histo)
-  return _bytes_field(1, value)
-
-
-def _histogram(values: np.ndarray, bins: int) -> bytes:
-  # HistogramProto: min=1 max=2 num=3 sum=4 sum_squares=5 (doubles),
-  # bucket_limit=6 and bucket=7 (packed doubles). Bucket i counts values in
-  # (limit[i-1], limit[i]]; the first bucket starts at -inf.
-  counts, edges = np.histogram(values, bins=bins)
-  packed = lambda xs: struct.pack(f"<{len(xs)}d", *xs)
-  return (
-    _double_field(1, float(values.min()))
-    + _double_field(2, float(values.max()))
-    + _double_field(3, float(values.size))
-    + _double_field(4, float(values.sum()))
-    + _double_field(5, float(np.square(values).sum()))
-    + _bytes_field(6, packed(edges[1:].tolist()))
-    + _bytes_field(7, packed(counts.astype(np.float64).tolist()))
-  )
-
-
-# ---- the writer --------------------------------------------------------------
+  def directory_check(self, path: str) -> None:
+    paths.as_path(path).mkdir(parents=True, exist_ok=True)
 
 
 class SummaryWriter:
-  """Appends scalar and histogram events to a fresh event file in `logdir`.
-
-  Events are buffered until `flush()`, which appends them to the local file
-  or, for a bucket URL (whose objects cannot be appended to), rewrites the
-  object whole; event files grow by a few KB per epoch. No handle stays
-  open, so a killed run loses only the unflushed events.
-  """
+  """Appends events to a fresh event file in `logdir` (a folder or a URL)."""
 
   def __init__(self, logdir: str):
-    logdir = paths.as_path(logdir)
-    logdir.mkdir(parents=True, exist_ok=True)
-    self._file = logdir / (
-      f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
+    self.logdir = paths.absolute(logdir)
+    if paths.is_url(self.logdir):
+      # In place of tensorboardX's own writers for gs:// and s3://, which need
+      # google-cloud-storage or boto3: epath reaches every bucket the run does.
+      scheme = self.logdir.split(":", 1)[0]
+      record_writer.register_writer_factory(scheme, _BucketObjects())
+    record_writer.directory_check(self.logdir)
+    # The file is named by the second it was opened and the host; the process
+    # and a serial keep two writers of one second from sharing (truncating) it.
+    self._events = event_file_writer.EventsWriter(
+      os.path.join(self.logdir, "events"), f".{os.getpid()}.{next(_SERIAL)}"
     )
-    self.path = str(self._file)
-    self._flushed = b""
-    self._pending = bytearray(tfrecord_frame(_event(0, file_version="brain.Event:2")))
-    self.flush()
+    self._events.flush()
 
   @classmethod
   def for_workdir(cls, workdir: str) -> "SummaryWriter | None":
@@ -162,50 +91,115 @@ class SummaryWriter:
       return None
     return cls(paths.as_path(workdir) / "tensorboard")
 
-  def scalar(self, tag: str, value: float, step: int) -> None:
-    summary = _summary_value(tag, simple_value=float(value))
-    self._pending += tfrecord_frame(_event(step, summary=summary))
+  def _write(self, summary_proto, step: int) -> None:
+    event = event_pb2.Event(wall_time=time.time(), step=int(step))
+    event.summary.CopyFrom(summary_proto)
+    self._events.write_event(event)
 
-  def histogram(self, tag: str, values, step: int, bins: int = 30) -> None:
+  def scalar(self, tag: str, value: float, step: int) -> None:
+    self._write(summary.scalar(tag, float(value)), step)
+
+  def histogram(self, tag: str, values, step: int, bins: int = HISTOGRAM_BINS):
+    """Equal-width bins over the finite values; nothing when there are none."""
     values = np.asarray(values, np.float64).ravel()
     values = values[np.isfinite(values)]
-    if values.size == 0:
-      return
-    summary = _summary_value(tag, histo=_histogram(values, bins))
-    self._pending += tfrecord_frame(_event(step, summary=summary))
+    if values.size:
+      self._write(summary.histogram(tag, values, bins), step)
+
+  def image(self, tag: str, png: bytes, step: int) -> None:
+    """A PNG as it is, not decoded and re-encoded."""
+    with Image.open(io.BytesIO(png)) as picture:
+      (width, height), channels = picture.size, len(picture.getbands())
+    image = summary_pb2.Summary.Image(
+      height=height, width=width, colorspace=channels, encoded_image_string=png
+    )
+    value = summary_pb2.Summary.Value(tag=tag, image=image)
+    self._write(summary_pb2.Summary(value=[value]), step)
+
+  def text(self, tag: str, markdown: str, step: int) -> None:
+    """Shown by TensorBoard's text dashboard under `<tag>/text_summary`."""
+    self._write(summary.text(tag, markdown), step)
+
+  def hparams(self, hparams: dict, metrics: dict, step: int) -> None:
+    """One hparams session: the values in `hparams`, the scalars in `metrics`."""
+    for part in summary.hparams(hparams, metrics):
+      self._write(part, step)
+    for tag, value in metrics.items():
+      self.scalar(tag, value, step)
 
   def flush(self) -> None:
-    if not self._pending:
-      return
-    if paths.is_url(self._file):
-      self._flushed += bytes(self._pending)
-      self._file.write_bytes(self._flushed)
-    else:
-      with self._file.open("ab") as f:
-        f.write(bytes(self._pending))
-    self._pending.clear()
+    self._events.flush()
 
   def close(self) -> None:
-    self.flush()
+    self._events.close()
 
 
-def log_epoch(writer: SummaryWriter | None, records: list[dict]) -> None:
-  """Writes every numeric field of metrics records as `<split>/<field>`.
+def _numeric(value) -> bool:
+  if isinstance(value, (bool, str, dict, list)) or value is None:
+    return False
+  return math.isfinite(float(value))
+
+
+def _flatten(tree: dict, prefix: str, sep: str):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, f"{prefix}{key}{sep}", sep)
+    else:
+      yield f"{prefix}{key}", value
+
+
+def log_config(writer: SummaryWriter | None, config, step: int) -> None:
+  """The resolved config as JSON, shown as a code block."""
+  if writer is None:
+    return
+  text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+  writer.text("config", "\n".join("    " + line for line in text.splitlines()), step)
+  writer.flush()
+
+
+def log_epoch(
+  writer: SummaryWriter | None, records: list[dict], pairs=None, figures=()
+) -> None:
+  """Writes an epoch's records, pair histograms and figures, then flushes.
 
   A record is what `Reporter.write` receives: `step`, `epoch`, `split` and
-  the metrics. Non-finite values are skipped (TensorBoard draws them as gaps
-  anyway, and they only arise for empty groups such as "noisy" at 0% noise).
+  the metrics; every numeric field becomes `<split>/<field>`. Non-finite
+  values are skipped (TensorBoard draws them as gaps anyway, and they only
+  arise for empty groups such as "noisy" at 0% noise). `pairs` holds the
+  epoch's per-pair `energy`, `entropy` and `truly_clean` arrays; `figures`
+  are PNG paths, tagged `plots/<name>`. Both go at the last record's step.
   """
   if writer is None:
     return
   for record in records:
     split, step = record["split"], int(record["step"])
     for key, value in record.items():
-      if key in ("step", "epoch", "split") or isinstance(
-        value, (bool, str, dict, list)
-      ):
-        continue
-      if value is None or not math.isfinite(float(value)):
-        continue
-      writer.scalar(f"{split}/{key}", float(value), step)
+      if key not in ("step", "epoch", "split") and _numeric(value):
+        writer.scalar(f"{split}/{key}", float(value), step)
+  if pairs is not None:
+    truth = np.asarray(pairs["truly_clean"], bool)
+    for key in ("energy", "entropy"):
+      values = np.asarray(pairs[key])
+      writer.histogram(f"pairs/{key}_truly_clean", values[truth], step)
+      writer.histogram(f"pairs/{key}_truly_noisy", values[~truth], step)
+  for path in figures:
+    path = paths.as_path(path)
+    writer.image(f"plots/{path.stem}", path.read_bytes(), step)
+  writer.flush()
+
+
+def log_test(writer: SummaryWriter | None, config, test: dict, step: int) -> None:
+  """The final test metrics (`test/<metric>`, `test/coco1k/<metric>` for the
+  COCO protocol) as an hparams session over the flattened config."""
+  if writer is None:
+    return
+  hparams = {
+    key: value if isinstance(value, (bool, int, float, str)) else str(value)
+    for key, value in _flatten(config.to_dict(), "", ".")
+    if value is not None
+  }
+  metrics = {
+    key: float(value) for key, value in _flatten(test, "test/", "/") if _numeric(value)
+  }
+  writer.hparams(hparams, metrics, step)
   writer.flush()

@@ -101,6 +101,7 @@ class _Run:
   ckpt: checkpoint.Checkpointer
   steps_per_epoch: int
   features: jax.Array | None  # the training images, when kept on the devices
+  events: tensorboard.SummaryWriter | None  # process 0's TensorBoard writer
 
   @property
   def total_steps(self) -> int:
@@ -153,6 +154,7 @@ def _open_run(config, workdir: str) -> _Run:
     ckpt=checkpoint.Checkpointer(workdir),
     steps_per_epoch=loader.steps_per_epoch,
     features=features,
+    events=tensorboard.SummaryWriter.for_workdir(workdir),
   )
 
 
@@ -198,7 +200,6 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
   loss_kw = loss_options(config.loss)
   use_gmm = config.loss.selection == "epoch_gmm" and config.loss.name == "srem"
   compiled = {}
-  events = tensorboard.SummaryWriter.for_workdir(run.workdir)
   progress = Progress(run.total_steps, int(state.step))
   iterator = iter(run.loader)
   step = int(state.step)
@@ -266,10 +267,11 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
     ]
     for epoch_record in records:
       report.write(epoch_record)
-    tensorboard.log_epoch(events, records)
     if report.is_main:
-      plots.save_pairs(run.workdir, epoch + 1, **pairs.arrays())
-      plots.write_all(run.workdir)
+      epoch_pairs = pairs.arrays()
+      plots.save_pairs(run.workdir, epoch + 1, **epoch_pairs)
+      figures = plots.write_all(run.workdir)
+      tensorboard.log_epoch(run.events, records, epoch_pairs, figures)
     record["epoch"] = epoch + 1
     improved = val["rsum"] > record["best_rsum"]
     if improved:
@@ -316,6 +318,7 @@ def _final_test(run: _Run, state, record) -> dict:
   }
   step = int(state.step)
   run.report.write({"step": step, "epoch": record["epoch"], "split": "test", **test})
+  tensorboard.log_test(run.events, config, test, step)
   path = run.report.write_json("results.json", results)
   rows = test if config.data.eval_protocol == "coco" else {"test": test}
   run.report.log("\n" + recall_table(rows))
@@ -339,6 +342,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   stop.install()
   try:
     state, selection, record = _initial_state(run)
+    tensorboard.log_config(run.events, config, int(state.step))
     state = _train(run, state, selection, record, stop)
     run.ckpt.wait()
     if stop.signal_name:
@@ -352,3 +356,5 @@ def train_and_evaluate(config, workdir: str) -> dict:
     stop.restore()
     run.loader.close()
     run.ckpt.close()
+    if run.events is not None:
+      run.events.close()

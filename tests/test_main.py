@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import chex
+import events
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,8 +105,45 @@ def test_outputs_of_a_run(full_run):
       for group, rows in (("clean", truth), ("noisy", ~truth)):
         mean = pairs[key][rows].mean()
         assert mean == pytest.approx(train_record[f"{key}_{group}"], rel=1e-4)
+  check_events(workdir, records, truth)
   # Validation of epoch 2 and the final test reused epoch 1's compiled functions.
   assert evaluate._eval_functions.cache_info().hits >= 2
+
+
+def check_events(workdir, records, last_truth):
+  """The run's TensorBoard file holds what metrics.jsonl and plots/ hold."""
+  # The first file is this run's; the rerun below opens one of its own.
+  first = events.event_files(workdir / "tensorboard")[0]
+  written = events.values(events.read_best(first))
+  kinds = {
+    kind: {(s, v.tag): v for s, v in written if v.HasField(kind)}
+    for kind in ("simple_value", "histo", "image")
+  }
+  scalars = {key: v.simple_value for key, v in kinds["simple_value"].items()}
+  fields = {"train": ("loss", "selection_precision"), "val": ("rsum", "i2t_r1")}
+  for record in records:
+    for key in fields.get(record["split"], ("rsum",)):
+      tag = f"{record['split']}/{key}"
+      assert scalars[record["step"], tag] == pytest.approx(record[key], rel=1e-6)
+  epoch_steps = [records[0]["step"], records[2]["step"]]
+  figures = {"loss", "val_rsum", "selection", "energy_entropy", "energy_entropy_hist"}
+  for step in epoch_steps:
+    assert {tag for s, tag in kinds["image"] if s == step} == {
+      f"plots/{name}" for name in figures
+    }
+  histos = kinds["histo"]
+  for key in ("energy", "entropy"):
+    assert histos[epoch_steps[1], f"pairs/{key}_truly_clean"].histo.num == (
+      last_truth.sum()
+    )
+    assert histos[epoch_steps[1], f"pairs/{key}_truly_noisy"].histo.num == (
+      (~last_truth).sum()
+    )
+  assert (0, "config/text_summary") in {(s, v.tag) for s, v in written}
+  hparams = {
+    (s, v.tag) for s, v in written if v.metadata.plugin_data.plugin_name == "hparams"
+  }
+  assert (records[-1]["step"], "_hparams_/session_start_info") in hparams
 
 
 def test_rerun_of_a_finished_run_changes_nothing(full_run, data_dir):
