@@ -44,16 +44,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def scan_per_device(model, mesh: Mesh):
-  """`model` whose all-pairs head scans `img_chunk` images of every device a step.
-
-  The head scans strided image chunks; with images sharded along `data`, a
-  chunk of img_chunk x devices rows holds img_chunk rows of each device, so
-  no device waits on another's images.
-  """
-  return model.clone(img_chunk=model.img_chunk * mesh.shape[DATA_AXIS])
-
-
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's rows of each array -> global arrays sharded on "data"."""
   sharding = data_sharding(mesh)

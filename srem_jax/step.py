@@ -100,11 +100,14 @@ def batch_scores(model, params, batch_stats, batch, *, train, rng, mesh):
   """The K×K similarity matrix of a global batch, each device scoring its rows.
 
   Images stay sharded along `data`; the (small) caption embeddings are gathered
-  to every device, so each device scores its own images against all captions
-  and no pair is computed twice. Batch statistics are over the global batch.
+  to every device, and the head runs under `shard_map`: each device scores its
+  own images against all captions with no communication inside its scan, no
+  pair is computed twice, and the gradients of the replicated inputs
+  (parameters, captions) are summed over devices once, after the scan. Batch
+  statistics are over the global batch (SAF's per-caption ones are summed
+  over the data axis inside the head).
   """
   img_rng, cap_rng, head_rng = jax.random.split(rng, 3)
-  model = sharding.scan_per_device(model, mesh)
   variables = {"params": params, "batch_stats": batch_stats}
   img, batch_stats = _apply(
     model,
@@ -129,10 +132,34 @@ def batch_scores(model, params, batch_stats, batch, *, train, rng, mesh):
   cap = jax.tree.map(
     lambda x: jax.lax.with_sharding_constraint(x, sharding.replicated(mesh)), cap
   )
-  scores, batch_stats = _apply(
-    model, variables, img, cap, method=SGRAF.score, train=train, rng=head_rng
+  axis = sharding.DATA_AXIS
+  local_model = model.clone(axis_name=axis)
+
+  def local_scores(variables, img, cap):
+    # Parameters and captions enter as device-varying values here, once, so
+    # their cotangents are summed over devices once, after the backward scan,
+    # not in every scan step (and the head's custom VJPs see one type).
+    vary = lambda tree: jax.tree.map(
+      lambda x: jax.lax.pcast(x, axis, to="varying"), tree
+    )
+    variables = {**variables, "params": vary(variables["params"])}
+    return _apply(
+      local_model,
+      variables,
+      img,
+      vary(cap),
+      method=SGRAF.score,
+      train=train,
+      rng=head_rng,
+    )
+
+  score = jax.shard_map(
+    local_scores,
+    mesh=mesh,
+    in_specs=(P(), P(sharding.DATA_AXIS), P()),
+    out_specs=(P(sharding.DATA_AXIS), P()),
   )
-  return jax.lax.with_sharding_constraint(scores, rows), batch_stats
+  return score(variables, img, cap)
 
 
 # ---- update step ------------------------------------------------------------

@@ -294,6 +294,7 @@ class PairHead(nn.Module):
   train: bool
   dtype: Any = jnp.float32
   precision: str = "highest"
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, carry, images, captions, saf_running):
@@ -343,7 +344,7 @@ class PairHead(nn.Module):
       saf_stats = None
     else:
       sim_vec, saf_stats = AttentionFiltration(
-        self.train, self.dtype, self.precision, name="SAF_module"
+        self.train, self.dtype, self.precision, self.axis_name, name="SAF_module"
       )(nodes, node_mask, saf_running)
     score = dense(1, self.dtype, "sim_eval_w", self.precision)(sim_vec)[..., 0].astype(
       jnp.float32
@@ -362,6 +363,7 @@ class AttentionFiltration(nn.Module):
   train: bool
   dtype: Any = jnp.float32
   precision: str = "highest"
+  axis_name: str | None = None  # images split over this mesh axis: sum statistics
 
   @nn.compact
   def __call__(self, nodes, node_mask, running):
@@ -371,10 +373,12 @@ class AttentionFiltration(nn.Module):
     scale = self.param("bn_scale", nn.initializers.ones, (1,))
     bias = self.param("bn_bias", nn.initializers.zeros, (1,))
     real = node_mask[None].astype(jnp.float32)
-    count = logits.shape[0] * jnp.sum(real, axis=(0, 2))
+    total = lambda x: x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
+    count = total(logits.shape[0] * jnp.sum(real, axis=(0, 2)))
     if self.train:
-      mean = jnp.sum(logits * real, axis=(0, 2)) / count
-      var = jnp.sum(jnp.square(logits - mean[:, None]) * real, axis=(0, 2)) / count
+      mean = total(jnp.sum(logits * real, axis=(0, 2))) / count
+      squares = jnp.sum(jnp.square(logits - mean[:, None]) * real, axis=(0, 2))
+      var = total(squares) / count
     else:
       mean, var = (
         jnp.broadcast_to(running[0], count.shape),
@@ -398,6 +402,7 @@ class SimilarityHead(nn.Module):
   remat: str = "dots"
   img_chunk: int = 4
   precision: str = "highest"
+  axis_name: str | None = None  # mesh axis the images are split over (shard_map)
 
   @nn.compact
   def __call__(self, local, img_glob, words, cap_glob, mask, *, train: bool):
@@ -416,9 +421,8 @@ class SimilarityHead(nn.Module):
     if by_images:
       chunk = min(self.img_chunk, num_imgs)
       pad = -num_imgs % chunk
-      # Strided chunks: step s takes rows s, s + steps, ...; images sharded in
-      # contiguous blocks then give every device chunk / devices rows a step.
-      # Pad images are all zeros: every normalisation maps them to zero.
+      # Strided chunks: step s takes rows s, s + steps, ... Pad images are all
+      # zeros: every normalisation maps them to zero.
       images = jax.tree.map(
         lambda x: _pad_rows(x, pad).reshape((chunk, -1) + x.shape[1:]), images
       )
@@ -458,6 +462,7 @@ class SimilarityHead(nn.Module):
       train=train,
       dtype=self.dtype,
       precision=self.precision,
+      axis_name=self.axis_name,
       name="pairs",
     )
     _, (scores, saf_stats) = scan_head(None, images, captions, running)

@@ -56,6 +56,9 @@ class SGRAF(nn.Module):
   remat: str = "dots"  # what a chunk keeps for backward: none | full | dots
   img_chunk: int = 4  # images per device per scan step (SGR training)
   precision: str = "highest"  # matmul precision: highest | high | default
+  # Set when the head runs under shard_map over image rows: SAF's train-mode
+  # statistics are then summed over this mesh axis.
+  axis_name: str | None = None
 
   def setup(self):
     numerics = dict(dtype=self.dtype, precision=self.precision)
@@ -73,6 +76,7 @@ class SGRAF(nn.Module):
       cap_chunk=self.cap_chunk,
       remat=self.remat,
       img_chunk=self.img_chunk,
+      axis_name=self.axis_name,
       **numerics,
     )
 
