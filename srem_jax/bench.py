@@ -10,6 +10,10 @@ last line printed is one JSON object.
     python -m srem_jax.bench train_step --batch=128 --dtype=bfloat16
     python -m srem_jax.bench eval --n_img=100 --n_cap=500
     python -m srem_jax.bench pipeline --batch=128 --steps=20 [--index_only]
+    python -m srem_jax.bench checks   # GPU/TPU programs, checked without either
+
+Models take the execution sizes `srem_jax.execution.resolve()` picks for the
+machine (flags override them).
 
 FLOPs are counted analytically (2 per multiply-add, matmuls only) for the
 formulation the code runs (`pair_flops`); a training step counts 3x its
@@ -21,15 +25,20 @@ import json
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
+
+if __name__ == "__main__" and sys.argv[1:2] == ["checks"]:
+  # The sharded-program check wants 8 host devices; set before jax starts.
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax
 import numpy as np
 from absl import flags
 from jax.sharding import Mesh
 
-from srem_jax import sharding, step
+from srem_jax import execution, sharding, step
 from srem_jax.errors import UserError
 from srem_jax.models import tiling
 from srem_jax.models.heads import REMAT_MODES
@@ -103,7 +112,8 @@ def _device_kind() -> str:
 
 def make_model(head, dtype, dims, **overrides) -> SGRAF:
   fields = {k: v for k, v in dims.items() if k != "num_regions"}
-  return SGRAF(head=head, dtype=DTYPES[dtype], **fields, **overrides)
+  sizes = execution.resolve().model_kwargs() | overrides
+  return SGRAF(head=head, dtype=DTYPES[dtype], **fields, **sizes)
 
 
 def _random_batch(rng, batch, caption_len, dims):
@@ -411,7 +421,7 @@ TINY_DIMS = dict(
   vocab_size=40,
   sgr_steps=3,
 )
-MODES = ("train_step", "eval", "pipeline")
+MODES = ("train_step", "eval", "pipeline", "checks")
 
 
 def _define_flags() -> dict:
@@ -464,6 +474,11 @@ def main(argv, flag_values) -> None:
   if values["remat"]:
     model_kw["remat"] = values["remat"]
   common = dict(caption_len=values["caption_len"], steps=values["steps"], dims=dims)
+  if mode == "checks":
+    from srem_jax import accelerator_checks  # imports this module
+
+    accelerator_checks.report(dims=dims, caption_len=values["caption_len"])
+    return
   if mode == "train_step":
     result = bench_train_step(
       head=values["head"],

@@ -80,5 +80,5 @@ def test_command_line_rejects_a_missing_mode_in_one_line():
   )
   assert run.returncode == 2
   assert run.stderr.strip().splitlines() == [
-    "error: expected one mode argument out of train_step, eval, pipeline"
+    "error: expected one mode argument out of train_step, eval, pipeline, checks"
   ]
