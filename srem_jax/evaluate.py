@@ -282,6 +282,10 @@ def run_evaluation(
       "--checkpoint is required (a run workdir, checkpoint folder or .pth.tar)"
     )
   mesh = sharding.make_mesh(config.mesh.data)
+  print(f"execution: {execution.resolve(config.execution).reason}")
+  warning = execution.cpu_fallback_warning(config.execution)
+  if warning:
+    print(warning)
   split_name = split_name or config.data.test_split
   protocol = protocol or config.data.eval_protocol
   prepared_dir = dataset.ensure_prepared(config.data, log=print)

@@ -180,3 +180,33 @@ def resolve(exec_cfg=None, device=None) -> Execution:
   return Execution(
     preset=name, remat=remat, matmul_precision=precision, reason=reason, **sizes
   )
+
+
+def _accelerator_on_machine() -> str | None:
+  """ "an NVIDIA GPU" or "a TPU" when the machine has one, whatever jax uses."""
+  import glob
+  import shutil
+
+  if glob.glob("/dev/nvidia[0-9]*") or shutil.which("nvidia-smi"):
+    return "an NVIDIA GPU"
+  if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
+    return "a TPU"
+  return None
+
+
+def cpu_fallback_warning(exec_cfg=None, backend: str | None = None) -> str | None:
+  """A warning when the run is on jax's CPU backend although the machine has an
+  accelerator or the config asks for an accelerator preset; None otherwise."""
+  backend = backend or jax.default_backend()
+  if backend != "cpu":
+    return None
+  preset = "auto" if exec_cfg is None else exec_cfg.get("preset", "auto")
+  found = _accelerator_on_machine()
+  if not found and preset not in ("gpu", "tpu"):
+    return None
+  why = f"this machine has {found}" if found else f"execution.preset={preset!r}"
+  return (
+    f"warning: jax runs on the CPU although {why}; the CPU-only jaxlib is "
+    "installed. Install the accelerator build: pip install -e '.[cuda]' "
+    "(NVIDIA) or pip install -e '.[tpu]' (TPU VM); see README 'On a GPU or TPU'"
+  )

@@ -116,6 +116,9 @@ def _open_run(config, workdir: str) -> _Run:
   report.log(f"workdir: {paths.absolute(workdir)}")
   plan = execution.resolve(config.execution)
   report.log(f"execution: {plan.reason}")
+  warning = execution.cpu_fallback_warning(config.execution)
+  if warning:
+    report.log(warning)
   data = dataset.open_data(config, workdir, log=report.log)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if data.noise.path:

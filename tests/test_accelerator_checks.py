@@ -252,3 +252,17 @@ def test_platform_dependent_choice_is_made_at_lowering():
     jax.ShapeDtypeStruct((), jnp.float32)
   )
   assert "2.0" in exported.mlir_module() and "1.0" not in exported.mlir_module()
+
+
+def test_cpu_fallback_is_warned_about_only_when_an_accelerator_is_expected(
+  monkeypatch,
+):
+  monkeypatch.setattr(execution, "_accelerator_on_machine", lambda: None)
+  assert execution.cpu_fallback_warning(None, "cpu") is None
+  assert execution.cpu_fallback_warning({"preset": "cpu"}, "cpu") is None
+  asked = execution.cpu_fallback_warning({"preset": "gpu"}, "cpu")
+  assert "execution.preset='gpu'" in asked and "pip install -e '.[cuda]'" in asked
+  monkeypatch.setattr(execution, "_accelerator_on_machine", lambda: "an NVIDIA GPU")
+  found = execution.cpu_fallback_warning(None, "cpu")
+  assert found.startswith("warning: jax runs on the CPU although this machine has an")
+  assert execution.cpu_fallback_warning(None, "gpu") is None
