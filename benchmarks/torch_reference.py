@@ -10,14 +10,21 @@ global vectors, under no_grad, in the reference evaluator's 100 x 100 shards).
 The similarity encoder loops over captions in Python, as the reference does
 (SPEC §2). The last line printed is one JSON object.
 
+With `--device=cuda` the model and its inputs live on the GPU (caption
+lengths stay on the host, where `pack_padded_sequence` wants them) and every
+timed repetition ends with `torch.cuda.synchronize()`, so the clock reads
+finished work; TF32 is left at torch's defaults, which the JSON records.
+
     python benchmarks/torch_reference.py train_step --head=sgr --batch=128
     python benchmarks/torch_reference.py eval --n_img=100 --n_cap=500 --threads=2
+    python benchmarks/torch_reference.py train_step --device=cuda --caption_len=40
 """
 
 import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -25,8 +32,12 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.append(_ROOT)  # srem_jax from this source tree when none is installed
+
 # The JAX benchmark's shapes, so both programs measure the same work.
-from srem_jax.bench import PAPER_DIMS, TINY_DIMS
+from srem_jax.bench import PAPER_DIMS, TINY_DIMS  # noqa: E402
 
 EVAL_SHARD = 100  # images and captions per forward_sim call in NCR's evaluator
 
@@ -184,7 +195,7 @@ class ReferenceSGRAF(nn.Module):
 def triplet_loss(sims, margin=0.2):
   """VSE++ hardest negatives, summed over images and captions (pair i is (i, i))."""
   diagonal = sims.diag()
-  positive = torch.eye(len(sims), dtype=torch.bool)
+  positive = torch.eye(len(sims), dtype=torch.bool, device=sims.device)
   cost_cap = (margin + sims - diagonal[:, None]).clamp(min=0).masked_fill(positive, 0)
   cost_img = (margin + sims - diagonal[None]).clamp(min=0).masked_fill(positive, 0)
   return cost_cap.max(1)[0].sum() + cost_img.max(0)[0].sum()
@@ -193,12 +204,22 @@ def triplet_loss(sims, margin=0.2):
 # ---- benchmarks -------------------------------------------------------------
 
 
-def _measure(bench, run, steps, pairs, shapes):
+def _synchronizer(device):
+  """What waits for the device's queued work: a GPU runs torch's calls asynchronously."""
+  if torch.device(device).type == "cuda":
+    return lambda: torch.cuda.synchronize(device)
+  return lambda: None
+
+
+def _measure(bench, run, steps, pairs, shapes, device="cpu"):
   """One warm-up run, then `steps` timed ones (each printed); rates of the median."""
+  sync = _synchronizer(device)
   times = []
+  sync()
   for step in range(steps + 1):
     start = time.perf_counter()
     run()
+    sync()
     times.append(time.perf_counter() - start)
     label = "warm-up" if step == 0 else f"step {step}/{steps}"
     print(f"{label}: {times[-1]:.3f} s", flush=True)
@@ -210,6 +231,7 @@ def _measure(bench, run, steps, pairs, shapes):
     "warmup_s": times[0],
     "times_s": times[1:],
     "shapes": shapes,
+    "device": str(device),
   }
 
 
@@ -217,10 +239,10 @@ def _random_lengths(rng, n, caption_len):
   return torch.from_numpy(rng.integers(caption_len // 2, caption_len + 1, size=n))
 
 
-def bench_train_step(head, batch, caption_len, steps, dims):
+def bench_train_step(head, batch, caption_len, steps, dims, device="cpu"):
   """Encoders, K x K scores, triplet loss, backward, clipping, Adam: as NCR trains."""
   torch.manual_seed(0)
-  model = ReferenceSGRAF(head, **dims).train()
+  model = ReferenceSGRAF(head, **dims).train().to(device)
   optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
   rng = np.random.default_rng(0)
   lengths = _random_lengths(rng, batch, caption_len)
@@ -228,6 +250,8 @@ def bench_train_step(head, batch, caption_len, steps, dims):
   tokens = torch.from_numpy(rng.integers(4, dims["vocab_size"], (batch, caption_len)))
   tokens[torch.arange(caption_len)[None] >= lengths[:, None]] = 0
   images = torch.randn(batch, dims["num_regions"], dims["img_dim"])
+  # Drawn on the host, so every device scores the same numbers.
+  tokens, images = tokens.to(device), images.to(device)
 
   def run():
     loss = triplet_loss(model(images, tokens, lengths))
@@ -237,10 +261,10 @@ def bench_train_step(head, batch, caption_len, steps, dims):
     optimizer.step()
 
   shapes = {"batch": batch, "caption_len": caption_len, **dims}
-  return _measure("train_step", run, steps, batch * batch, shapes)
+  return _measure("train_step", run, steps, batch * batch, shapes, device)
 
 
-def bench_eval(head, n_img, n_cap, caption_len, steps, dims):
+def bench_eval(head, n_img, n_cap, caption_len, steps, dims, device="cpu"):
   """The pair loop alone on unit-norm embeddings, as srem_jax.bench eval times.
 
   Scored in NCR's evaluator's 100 x 100 shards under no_grad. The global
@@ -249,7 +273,7 @@ def bench_eval(head, n_img, n_cap, caption_len, steps, dims):
   at paper dims).
   """
   torch.manual_seed(0)
-  model = ReferenceSGRAF(head, **dims).eval()
+  model = ReferenceSGRAF(head, **dims).eval().to(device)
   lengths = _random_lengths(np.random.default_rng(0), n_cap, caption_len)
   e = dims["embed_dim"]
   regions = l2n(torch.randn(n_img, dims["num_regions"], e))
@@ -257,9 +281,12 @@ def bench_eval(head, n_img, n_cap, caption_len, steps, dims):
   words = l2n(torch.randn(n_cap, caption_len, e))
   cap_glo = l2n(torch.randn(n_cap, e))
   words *= (torch.arange(caption_len)[None] < lengths[:, None])[..., None]
+  regions, img_glo, words, cap_glo = (
+    x.to(device) for x in (regions, img_glo, words, cap_glo)
+  )
 
   def run():
-    sims = torch.empty(n_img, n_cap)
+    sims = torch.empty(n_img, n_cap, device=device)
     with torch.no_grad():
       for i in range(0, n_img, EVAL_SHARD):
         for j in range(0, n_cap, EVAL_SHARD):
@@ -270,7 +297,7 @@ def bench_eval(head, n_img, n_cap, caption_len, steps, dims):
 
   shapes = {"n_img": n_img, "n_cap": n_cap, "shard": EVAL_SHARD,
             "caption_len": caption_len, **dims}  # fmt: skip
-  return _measure("eval", run, steps, n_img * n_cap, shapes)
+  return _measure("eval", run, steps, n_img * n_cap, shapes, device)
 
 
 def _positive(text):
@@ -290,16 +317,30 @@ def main(argv=None):
   parser.add_argument("--steps", type=_positive, default=3, help="Timed repetitions.")
   parser.add_argument("--threads", type=_positive, help="Default: torch's choice.")
   parser.add_argument("--tiny", action="store_true", help="srem_jax.bench's tiny dims.")
+  parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
   args = parser.parse_args(argv)
+  if args.device == "cuda" and not torch.cuda.is_available():
+    parser.error("--device=cuda: torch sees no CUDA device")
   if args.threads:
     torch.set_num_threads(args.threads)
   dims = TINY_DIMS if args.tiny else PAPER_DIMS
   if args.mode == "train_step":
-    result = bench_train_step(args.head, args.batch, args.caption_len, args.steps, dims)
+    result = bench_train_step(
+      args.head, args.batch, args.caption_len, args.steps, dims, args.device
+    )
   else:
     result = bench_eval(
-      args.head, args.n_img, args.n_cap, args.caption_len, args.steps, dims
+      args.head, args.n_img, args.n_cap, args.caption_len, args.steps, dims, args.device
     )
+  if args.device == "cuda":
+    result |= {
+      "device_name": torch.cuda.get_device_name(),
+      "allow_tf32": {
+        "matmul": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn": torch.backends.cudnn.allow_tf32,
+      },
+      "peak_bytes_allocated": torch.cuda.max_memory_allocated(),
+    }
   result |= {
     "head": args.head,
     "torch": torch.__version__,
