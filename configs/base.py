@@ -101,6 +101,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.img_tile = 128  # images per all-pairs scoring tile
   c.eval.cap_tile = 256  # captions per all-pairs scoring tile
 
+  # ---- progress of long passes (data preparation, all-pairs scoring, selection)
+  c.progress = ml_collections.ConfigDict()
+  c.progress.enabled = True  # print done/total, rate and ETA (False = quiet)
+  c.progress.delay_s = 5.0  # only for passes running longer than this many seconds
+
   # ---- devices -------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the data axis (-1 = all)

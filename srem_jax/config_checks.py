@@ -46,6 +46,7 @@ _RANGES = {
   "eval.batch_size": (1, math.inf, True, True),
   "eval.img_tile": (1, math.inf, True, True),
   "eval.cap_tile": (1, math.inf, True, True),
+  "progress.delay_s": (0.0, math.inf, True, True),
 }
 
 
