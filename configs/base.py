@@ -107,6 +107,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.execution.img_tile = 0  # images per all-pairs evaluation tile
   c.execution.cap_tile = 0  # captions per all-pairs evaluation tile
 
+  # ---- progress of long passes (data preparation, all-pairs scoring, selection)
+  c.progress = ml_collections.ConfigDict()
+  c.progress.enabled = True  # print done/total, rate and ETA (False = quiet)
+  c.progress.delay_s = 5.0  # only for passes running longer than this many seconds
+
   # ---- devices -------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the data axis (-1 = all)

@@ -41,6 +41,7 @@ _RANGES = {
   "data.caption_len": (0, math.inf, True, True),
   "data.num_workers": (0, math.inf, True, True),
   "eval.batch_size": (1, math.inf, True, True),
+  "progress.delay_s": (0.0, math.inf, True, True),
 }
 
 

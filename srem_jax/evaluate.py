@@ -22,7 +22,7 @@ from srem_jax.data import dataset, pipeline
 from srem_jax.errors import UserError
 from srem_jax.models import tiling
 from srem_jax.models.sgraf import SGRAF, CaptionEmbedding, ImageEmbedding, build_model
-from srem_jax.reporting import Reporter, recall_table
+from srem_jax.reporting import PassProgress, Reporter, recall_table
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -115,12 +115,21 @@ def similarity_matrix(model, variables, split, config, mesh, caption_len, num_im
       lambda x: jax.make_array_from_callback(x.shape, where, lambda idx: x[idx]), tree
     )
 
+  progress = PassProgress(
+    f"{split.split} scoring",
+    None,
+    "tiles",
+    items=(img[0].shape[0] * cap[0].shape[0], "pairs"),
+    enabled=config.progress.enabled,
+    delay_s=config.progress.delay_s,
+  )
   sims = tiling.score_all(
     lambda i, c: score(variables, place(i, rows), place(c, full)),
     img,
     cap,
     img_tile=img_tile,
     cap_tile=plan.cap_tile,
+    progress=progress,
   )
   return sims, cap_to_img
 
@@ -166,13 +175,23 @@ def train_pair_statistics(model, variables, data, config, mesh, *, tau, temp):
   out = {key: np.zeros(n, np.float32) for key in ("ce", "energy", "entropy")}
 
   stats = _statistics_function(model, tau, temp)
-  for batch in pipeline.pair_batches(
+  progress = PassProgress(
+    "selection statistics",
+    _round_up(n, batch_size) // batch_size,
+    "batches",
+    items=(n, "pairs"),
+    enabled=config.progress.enabled,
+    delay_s=config.progress.delay_s,
+  )
+  batches = pipeline.pair_batches(
     data.train, data.noise.t2i, batch_size, data.caption_len, seed=config.train.seed
-  ):
+  )
+  for done, batch in enumerate(batches, 1):
     values = _to_host(stats(variables, sharding.global_batch(batch, mesh)))
     keep = batch["mask"]
     for key, column in out.items():
       column[batch["cap_index"][keep]] = values[key][keep]
+    progress(done)
   return out
 
 
@@ -288,7 +307,7 @@ def run_evaluation(
     print(warning)
   split_name = split_name or config.data.test_split
   protocol = protocol or config.data.eval_protocol
-  prepared_dir = dataset.ensure_prepared(config.data, log=print)
+  prepared_dir = dataset.ensure_prepared(config.data, print, config.progress)
   split = pipeline.load_prepared(prepared_dir, config.data.name, split_name)
   caption_len = max(config.data.caption_len, split.max_caption_len)
   models = [

@@ -45,8 +45,11 @@ def prepared_dir_for(data_cfg) -> str:
   return data_cfg.prepared_dir or os.path.join(data_cfg.raw_dir, "prepared")
 
 
-def ensure_prepared(data_cfg, log: Callable[[str], None]) -> str:
-  """Generates (synthetic) and prepares the dataset if needed; returns its dir."""
+def ensure_prepared(data_cfg, log: Callable[[str], None], progress=None) -> str:
+  """Generates (synthetic) and prepares the dataset if needed; returns its dir.
+
+  `progress` is the config's `progress` section (None = no progress lines).
+  """
   raw_folder = os.path.join(data_cfg.raw_dir, data_cfg.name)
   prepared_dir = prepared_dir_for(data_cfg)
   splits = sorted({data_cfg.train_split, data_cfg.val_split, data_cfg.test_split})
@@ -71,7 +74,14 @@ def ensure_prepared(data_cfg, log: Callable[[str], None]) -> str:
     raise UserError(f"vocabulary file {vocab_path} not found; {_LAYOUT_HELP}")
   log(f"preparing {raw_folder} into {prepared_dir} (once; later runs reuse it)")
   prepare.prepare(
-    data_cfg.raw_dir, data_cfg.name, vocab_path, prepared_dir, splits, log=log
+    data_cfg.raw_dir,
+    data_cfg.name,
+    vocab_path,
+    prepared_dir,
+    splits,
+    log=log,
+    progress=progress is not None and progress.enabled,
+    progress_delay_s=progress.delay_s if progress is not None else 0.0,
   )
   return prepared_dir
 
@@ -94,7 +104,9 @@ def _on_process_zero_first(fn):
 
 def open_data(config, workdir: str, log: Callable[[str], None] = print) -> RunData:
   data_cfg = config.data
-  prepared_dir = _on_process_zero_first(lambda: ensure_prepared(data_cfg, log))
+  prepared_dir = _on_process_zero_first(
+    lambda: ensure_prepared(data_cfg, log, config.progress)
+  )
   train = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.train_split)
   val = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.val_split)
   test = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.test_split)

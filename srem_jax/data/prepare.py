@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 from typing import Callable, Sequence
 from unittest import mock
@@ -32,6 +33,7 @@ from tensorflow_datasets.core import file_adapters
 from srem_jax import cli
 from srem_jax.data import layout, tokenizer
 from srem_jax.errors import UserError
+from srem_jax.reporting import PassProgress
 
 BUILDER_NAME = "srem_precomp"
 VERSION = "1.0.0"
@@ -102,10 +104,18 @@ class SremPrecomp(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   )
 
   def __init__(
-    self, *, raw: layout.RawSplit, vocab: tokenizer.Vocab, vocab_meta, **kwargs
+    self,
+    *,
+    raw: layout.RawSplit,
+    vocab: tokenizer.Vocab,
+    vocab_meta,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    **kwargs,
   ):
     # `_info()` runs inside the base constructor and needs the shapes.
     self._raw = raw
+    # (record set, total) -> progress(done), made when that record set starts
+    self._progress = progress or (lambda record_set, total: lambda done: None)
     self._tokens = [vocab.encode(c).astype(np.int32) for c in raw.captions]
     self._vocab_meta = vocab_meta
     super().__init__(
@@ -173,15 +183,19 @@ class SremPrecomp(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _image_examples(self):
     images = self._raw.images
     empty = np.zeros((0,), np.int32)
+    progress = self._progress("images", images.shape[0])
     for i in range(images.shape[0]):
       features = np.asarray(images[i], np.float32)
       yield i, {"index": i, "features": features, "tokens": empty, "image": i}
+      progress(i + 1)
 
   def _caption_examples(self):
     no_features = np.zeros((0, self._raw.images.shape[2]), np.float32)
+    progress = self._progress("captions", len(self._tokens))
     for k, tokens in enumerate(self._tokens):
       image = int(self._raw.cap_to_img[k])
       yield k, {"index": k, "features": no_features, "tokens": tokens, "image": image}
+      progress(k + 1)
 
 
 def _check_vocab(
@@ -230,12 +244,23 @@ def _quiet_tfds():
     logging.set_verbosity(verbosity)
 
 
-def _build_split(raw_dir, name, split, vocab, vocab_meta, prepared_dir) -> dict:
+def _build_split(
+  raw_dir, name, split, vocab, vocab_meta, prepared_dir, progress, delay_s
+) -> dict:
   raw = layout.read_split(raw_dir, name, split)
   config = tfds.download.DownloadConfig(
     manual_dir=os.path.join(raw_dir, name),
     compute_stats=tfds.download.ComputeStatsMode.SKIP,
   )
+  # Taken before TFDS's output is silenced, so progress reaches the real stdout.
+  stdout = sys.stdout
+
+  def bar(record_set: str, total: int) -> PassProgress:
+    label = f"{name}/{split} {record_set}"
+    return PassProgress(
+      label, total, record_set, enabled=progress, delay_s=delay_s, stream=stdout
+    )
+
   with (
     _quiet_tfds(),
     _uncompressed_records(),
@@ -245,6 +270,7 @@ def _build_split(raw_dir, name, split, vocab, vocab_meta, prepared_dir) -> dict:
       raw=raw,
       vocab=vocab,
       vocab_meta=vocab_meta,
+      progress=bar,
       data_dir=os.path.join(prepared_dir, name),
     )
     builder.download_and_prepare(download_dir=downloads, download_config=config)
@@ -258,12 +284,15 @@ def prepare(
   prepared_dir: str,
   splits: Sequence[str] | None = None,
   log: Callable[[str], None] = print,
+  progress: bool = False,
+  progress_delay_s: float = 5.0,
 ) -> str:
   """Builds the prepared copy of every split (or those given) that lacks one.
 
   Returns the prepared root to pass to `pipeline.load_prepared`. An empty
   `prepared_dir` means `<raw_dir>/prepared`; an empty `vocab_path` means the
-  layout's default vocabulary file.
+  layout's default vocabulary file. `progress` prints records written, rate
+  and ETA on stdout for a split that takes longer than `progress_delay_s`.
   """
   prepared_dir = prepared_dir or os.path.join(raw_dir, "prepared")
   vocab_path = layout.resolve_vocab_path(raw_dir, name, vocab_path)
@@ -289,7 +318,16 @@ def prepare(
         "vocab_sha256": vocab_sha256,
         "vocab_path": os.path.abspath(vocab_path),
       }
-      meta = _build_split(raw_dir, name, split, vocab, vocab_meta, prepared_dir)
+      meta = _build_split(
+        raw_dir,
+        name,
+        split,
+        vocab,
+        vocab_meta,
+        prepared_dir,
+        progress,
+        progress_delay_s,
+      )
       action = "wrote"
     log(
       f"{name}/{split}: {action} {meta['n_images']} images x "
@@ -301,7 +339,13 @@ def prepare(
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  written = prepare(FLAGS.raw_dir, FLAGS.name, FLAGS.vocab_path, FLAGS.prepared_dir)
+  written = prepare(
+    FLAGS.raw_dir,
+    FLAGS.name,
+    FLAGS.vocab_path,
+    FLAGS.prepared_dir,
+    progress=not FLAGS.quiet,
+  )
   print(f"prepared {FLAGS.name} in {os.path.join(written, FLAGS.name)}")
 
 
@@ -312,4 +356,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("name", "f30k_precomp", "dataset folder name under raw_dir")
   flags.DEFINE_string("vocab_path", "", "vocabulary JSON; empty = the layout's default")
   flags.DEFINE_string("prepared_dir", "", "output root; empty = <raw_dir>/prepared")
+  flags.DEFINE_bool("quiet", False, "print no progress lines while writing")
   cli.run(main)
