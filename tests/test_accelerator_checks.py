@@ -221,7 +221,7 @@ def test_smaller_device_gets_smaller_chunks_and_overrides_win():
   small = execution.resolve(None, _Device("gpu", 40 * execution.GIB))
   full = execution.PRESETS["gpu"]
   assert small.img_chunk < full.img_chunk and small.img_tile < full.img_tile
-  assert "scaled by 0.29" in small.reason
+  assert "scaled by 0.42" in small.reason
   chosen = execution.resolve(
     {"preset": "gpu", "img_chunk": 3, "remat": "full", "matmul_precision": "high"},
     _Device("cpu"),
