@@ -225,12 +225,6 @@ TARGETS = {"gpu": ("cuda", "H200"), "tpu": ("tpu", "TPU v5e")}
 
 def _explain(source: dict) -> str:
   op = source["op_name"]
-  if "cap_rnn" in op:
-    return (
-      "text GRU backward: its recurrent weights' gradient is summed over "
-      "devices every time step (XLA keeps the replicated accumulator in the "
-      "loop; the math needs one sum per step of training, after the loop)"
-    )
   if "SAF_module/psum" in op:
     return (
       "SAF's train-mode BatchNorm: a caption's statistics span the images of "

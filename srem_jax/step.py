@@ -118,22 +118,23 @@ def batch_scores(model, params, batch_stats, batch, *, train, rng, mesh):
     rng=img_rng,
   )
   variables = {"params": params, "batch_stats": batch_stats}
-  cap, _ = _apply(
-    model,
-    variables,
-    batch["tokens"],
-    batch["lengths"],
-    method=SGRAF.encode_captions,
-    train=train,
-    rng=cap_rng,
-  )
+  axis = sharding.DATA_AXIS
+  local_model = model.clone(axis_name=axis)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for the GRU's shard_map
+    cap, _ = _apply(
+      local_model,
+      variables,
+      batch["tokens"],
+      batch["lengths"],
+      method=SGRAF.encode_captions,
+      train=train,
+      rng=cap_rng,
+    )
   rows = NamedSharding(mesh, P("data"))
   img = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows), img)
   cap = jax.tree.map(
     lambda x: jax.lax.with_sharding_constraint(x, sharding.replicated(mesh)), cap
   )
-  axis = sharding.DATA_AXIS
-  local_model = model.clone(axis_name=axis)
 
   def local_scores(variables, img, cap):
     # Parameters and captions enter as device-varying values here, once, so

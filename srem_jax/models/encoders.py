@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from srem_jax.models.numerics import dot_general_for, lax_precision, matmul
 
@@ -136,6 +137,9 @@ class BiGRU(nn.Module):
   hidden: int
   dtype: Any = jnp.float32
   precision: str = "highest"
+  # Set when the captions' rows are split over this axis of the context mesh
+  # (`jax.sharding.use_abstract_mesh`): the recurrence then runs per device under shard_map.
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array):
@@ -167,7 +171,8 @@ class BiGRU(nn.Module):
     hidden_kernel = jnp.stack([fwd["hidden_kernel"], bwd["hidden_kernel"]])
     hidden_bias = jnp.stack([fwd["hidden_bias"], bwd["hidden_bias"]])
 
-    def step(h, inputs):
+    def step(carry, inputs):
+      h, hidden_kernel, hidden_bias = carry
       gates_x, valid = inputs  # (2, M, 3H), (M,)
       gates_h = (
         matmul("dmh,dhg->dmg", h, hidden_kernel, self.dtype, self.precision)
@@ -180,13 +185,29 @@ class BiGRU(nn.Module):
       n = jnp.tanh(xn + r * hn)
       h_new = (1 - z) * n + z * h
       h = jnp.where(valid[None, :, None], h_new, h)
-      return h, jnp.where(valid[None, :, None], h, 0.0)
+      return (h, hidden_kernel, hidden_bias), jnp.where(valid[None, :, None], h, 0.0)
+
+    def recurrence(hidden_kernel, hidden_bias, gates, mask, vary=lambda x: x):
+      h0 = jnp.zeros((2, gates.shape[2], hidden), jnp.float32)
+      carry = tuple(map(vary, (h0, hidden_kernel, hidden_bias)))
+      return jax.lax.scan(step, carry, (gates, mask))[1]
 
     gates = jnp.stack([proj_fwd, proj_bwd])  # (2, M, L, 3H)
-    h0 = jnp.zeros((2, x.shape[0], hidden), jnp.float32)
-    _, outputs = jax.lax.scan(
-      step, h0, (jnp.moveaxis(gates, 2, 0), jnp.moveaxis(mask, 1, 0))
-    )
+    args = (hidden_kernel, hidden_bias, jnp.moveaxis(gates, 2, 0), mask.T)
+    if self.axis_name is None:
+      outputs = recurrence(*args)
+    else:
+      # Rows are independent: each device runs the recurrence on its own
+      # captions. The weights enter as device-varying values, so their
+      # gradient is summed over devices once, after the backward loop, instead
+      # of in every time step (GSPMD keeps a replicated accumulator in it).
+      vary = lambda x: jax.lax.pcast(x, self.axis_name, to="varying")
+      rows = P(None, None, self.axis_name)
+      outputs = jax.shard_map(
+        lambda w, b, g, m: recurrence(w, b, g, m, vary),
+        in_specs=(P(), P(), rows, P(None, self.axis_name)),
+        out_specs=rows,
+      )(*args)
     outputs = jnp.moveaxis(outputs, 0, 2)  # (2, M, L, H)
     out_bwd = jnp.take_along_axis(outputs[1], reverse_index[..., None], axis=1)
     return outputs[0], out_bwd
@@ -204,6 +225,7 @@ class TextEncoder(nn.Module):
   dropout: float
   dtype: Any = jnp.float32
   precision: str = "highest"
+  axis_name: str | None = None  # see BiGRU
 
   @nn.compact
   def __call__(self, tokens, lengths, *, train: bool) -> jax.Array:
@@ -216,6 +238,6 @@ class TextEncoder(nn.Module):
     )
     words = nn.Dropout(self.dropout)(embed(tokens), deterministic=not train)
     forward, backward = BiGRU(
-      self.embed_dim, self.dtype, self.precision, name="cap_rnn"
+      self.embed_dim, self.dtype, self.precision, self.axis_name, name="cap_rnn"
     )(words, mask)
     return jnp.where(mask[..., None], l2_normalize((forward + backward) / 2), 0.0)

@@ -56,15 +56,21 @@ class SGRAF(nn.Module):
   remat: str = "dots"  # what a chunk keeps for backward: none | full | dots
   img_chunk: int = 4  # images per device per scan step (SGR training)
   precision: str = "highest"  # matmul precision: highest | high | default
-  # Set when the head runs under shard_map over image rows: SAF's train-mode
-  # statistics are then summed over this mesh axis.
+  # The data axis of the context mesh, set by the train step: the head and
+  # the text GRU then run per device under shard_map (SAF's train-mode
+  # statistics are summed over the axis).
   axis_name: str | None = None
 
   def setup(self):
     numerics = dict(dtype=self.dtype, precision=self.precision)
     self.img_enc = ImageEncoder(self.embed_dim, **numerics)
     self.txt_enc = TextEncoder(
-      self.vocab_size, self.word_dim, self.embed_dim, self.dropout, **numerics
+      self.vocab_size,
+      self.word_dim,
+      self.embed_dim,
+      self.dropout,
+      axis_name=self.axis_name,
+      **numerics,
     )
     self.v_global_w = VisualSA(self.embed_dim, self.dropout, **numerics)
     self.t_global_w = TextSA(self.embed_dim, self.dropout, **numerics)
