@@ -31,10 +31,11 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   Zero vectors (padding) stay zero with a finite gradient: the square root is
   never differentiated at 0.
   """
-  squares = jnp.sum(x * x, axis=axis, keepdims=True)
+  wide = x.astype(jnp.float32)  # bfloat16 inputs: the norm is summed in float32
+  squares = jnp.sum(wide * wide, axis=axis, keepdims=True)
   nonzero = squares > 0
   norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0)
-  return x / (norm + NORM_EPS)
+  return (wide / (norm + NORM_EPS)).astype(x.dtype)
 
 
 def l1_normalize(x: jax.Array, axis: int = -1) -> jax.Array:

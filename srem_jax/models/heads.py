@@ -17,7 +17,9 @@ and SAF's train-mode statistics span all images of a caption). The context
 product and the squared difference carry hand-written gradients that keep
 XLA from transposing or reducing that tensor slowly. `remat` chooses what a
 chunk keeps for the backward pass (`REMAT_POLICIES`); the default keeps the
-dense layers' outputs and recomputes the context.
+dense layers' outputs and recomputes the context. In the train step the
+head runs per device under `shard_map` (`axis_name`): each device scores its
+own images against every caption, and SAF sums its statistics over devices.
 
 Train-mode BatchNorm versus the reference's loop over captions:
 - VisualSA's two BatchNorms see the same images as the reference (all images
@@ -136,9 +138,9 @@ def _squared_difference_bwd(residuals, grad):
   summed = on_cpu(
     functools.partial(sum_image_slices, path="cpu"),
     functools.partial(sum_image_slices, path="plain"),
-    grad_context,
+    grad_context.astype(jnp.float32),  # bfloat16 chains: sum in float32
   )
-  return grad_context, -summed
+  return grad_context, -summed.astype(words.dtype)
 
 
 squared_difference.defvjp(_squared_difference_fwd, _squared_difference_bwd)
@@ -312,8 +314,10 @@ class PairHead(nn.Module):
     context = attended_context(
       attn.reshape(n, r, c * length), local, self.dtype, self.precision
     )
-    context = l2_normalize(context.reshape(n, c, length, -1))
-    local_sim = squared_difference(context, words)
+    # The (n, c, l, E) chain from the context to the local-node layer is
+    # memory-bound: it runs in the matmul dtype (norms summed in float32).
+    context = l2_normalize(context.reshape(n, c, length, -1).astype(self.dtype))
+    local_sim = squared_difference(context, words.astype(self.dtype))
     local_nodes = dense(self.sim_dim, self.dtype, "sim_tranloc_w", self.precision)(
       local_sim
     )
