@@ -21,6 +21,7 @@ from srem_jax import checkpoint
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP_MARK = ".orbax-checkpoint-tmp"
 ATTEMPTS = 6
+pytestmark = pytest.mark.slow  # the main job in a subprocess, several times
 ENV = dict(
   os.environ,
   JAX_PLATFORMS="cpu",

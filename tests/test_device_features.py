@@ -186,6 +186,7 @@ def test_bad_values_are_one_line_user_errors():
     resident.resident_features(split, small, "float32")
 
 
+@pytest.mark.slow
 def test_run_with_resident_features_ends_like_the_host_fed_run(
   tmp_path_factory, capsys
 ):

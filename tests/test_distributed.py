@@ -188,6 +188,7 @@ def test_local_launcher_fails_fast_when_one_process_fails(tmp_path):
 # ---- 2 processes x 1 device == 1 process x 2 devices --------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
   single = subprocess.Popen(
     [sys.executable, str(DRIVER), f"--out={tmp_path}/single"],
@@ -234,6 +235,7 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_main_command_on_two_processes_writes_one_set_of_outputs(tmp_path):
   """The whole main job, checkpoints and evaluation included, on 2 processes."""
   overrides = [

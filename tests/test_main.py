@@ -19,6 +19,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from configs import demo  # noqa: E402
 
+# Every test here trains (or evaluates) the whole main job: minutes on 2 cores.
+pytestmark = pytest.mark.slow
+
 
 def tiny_config(data_dir, **train_overrides):
   c = demo.get_config()

@@ -104,6 +104,7 @@ def run_command(args, cwd):
   )
 
 
+@pytest.mark.slow
 def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
   out = tmp_path / "study"
   args = [
