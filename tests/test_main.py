@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srem_jax import checkpoint, evaluate, train
+from srem_jax import checkpoint, evaluate, losses, train
 from srem_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,14 +200,14 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(
 def test_non_finite_loss_stops_with_a_clear_message(
   full_run, data_dir, tmp_path, monkeypatch
 ):
-  real_objective = train.losses.objective
+  real_objective = losses.objective
 
   def exploding(scores, **kwargs):
     loss, aux = real_objective(scores, **kwargs)
     aux = dict(aux, loss=aux["loss"] * jnp.nan, loss_cmbcl=aux["loss_cmbcl"] * jnp.nan)
     return loss * jnp.nan, aux
 
-  monkeypatch.setattr(train.losses, "objective", exploding)
+  monkeypatch.setattr(losses, "objective", exploding)
   with pytest.raises(UserError, match=r"non-finite loss by step 2 \(loss=nan"):
     train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
 
