@@ -188,7 +188,12 @@ def train_pair_statistics(model, variables, data, config, mesh, *, tau, temp):
     delay_s=config.progress.delay_s,
   )
   batches = pipeline.pair_batches(
-    data.train, data.noise.t2i, batch_size, data.caption_len, seed=config.train.seed
+    data.train,
+    data.noise.t2i,
+    batch_size,
+    data.caption_len,
+    seed=config.train.seed,
+    buckets=data.buckets,
   )
   for done, batch in enumerate(batches, 1):
     values = _to_host(stats(variables, sharding.global_batch(batch, mesh)))
