@@ -5,9 +5,13 @@ Runs `python -m srem_jax.bench` (float32 and bfloat16) and
 alternating the programs over `--rounds` so that a machine whose speed drifts
 shifts both sides alike, then prints one table row per measurement and the
 ratios of the medians. Every run is its own process; the JSON lines of all of
-them go to `--out`.
+them go to `--out`. With `--caption_lengths` (a histogram file) every
+measurement is made twice, at the fixed length and with lengths drawn from
+the file (both programs draw the same ones), and both ratios are printed.
 
     python benchmarks/compare.py --rounds=2 --steps=3 --out=compare.jsonl
+    python benchmarks/compare.py --rounds=1 --steps=2 \
+        --caption_lengths=../shared/data/f30k_caption_lengths.json
 """
 
 import argparse
@@ -41,39 +45,51 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--benches", default="train_step,eval")
   parser.add_argument("--out", default="compare.jsonl")
+  parser.add_argument(
+    "--caption_lengths",
+    help="Histogram JSON: also measure with caption lengths drawn from it.",
+  )
+  parser.add_argument(
+    "--dtypes", default="float32,bfloat16", help="Our dtypes to measure."
+  )
   args = parser.parse_args(argv)
+  lengths = [("fixed", [])]
+  if args.caption_lengths:
+    path = str(Path(args.caption_lengths).resolve())
+    lengths.append(("real", [f"--caption_lengths={path}"]))
+  dtypes = args.dtypes.split(",")
   rates: dict[tuple, list[float]] = {}
   with open(args.out, "a") as out:
     for round_ in range(args.rounds):
       for bench in args.benches.split(","):
-        runs = [
-          ("reference", REFERENCE + [bench]),
-          ("float32", OURS + [bench, "--dtype=float32"]),
-          ("bfloat16", OURS + [bench, "--dtype=bfloat16"]),
-        ]
-        for name, command in runs[:: 1 if round_ % 2 == 0 else -1]:
-          result = _run(command + [f"--steps={args.steps}"])
-          result["compare"] = {"round": round_, "name": name}
-          out.write(json.dumps(result) + "\n")
-          out.flush()
-          rates.setdefault((bench, name), []).append(result["pairs_per_s"])
-          load = result.get("load_average", [float("nan")])[0]
-          print(
-            f"round {round_} {bench:10s} {name:9s} "
-            f"{result['pairs_per_s']:9,.0f} pairs/s  (load {load:.1f})",
-            flush=True,
-          )
+        for label, extra in lengths:
+          runs = [("reference", REFERENCE + [bench])] + [
+            (dtype, OURS + [bench, f"--dtype={dtype}"]) for dtype in dtypes
+          ]
+          for name, command in runs[:: 1 if round_ % 2 == 0 else -1]:
+            result = _run(command + [f"--steps={args.steps}"] + extra)
+            result["compare"] = {"round": round_, "name": name, "lengths": label}
+            out.write(json.dumps(result) + "\n")
+            out.flush()
+            rates.setdefault((bench, label, name), []).append(result["pairs_per_s"])
+            load = result.get("load_average", [float("nan")])[0]
+            print(
+              f"round {round_} {bench:10s} {label:5s} {name:9s} "
+              f"{result['pairs_per_s']:9,.0f} pairs/s  (load {load:.1f})",
+              flush=True,
+            )
   print("\nmedians and ratios to the reference:")
   for bench in args.benches.split(","):
-    reference = statistics.median(rates[(bench, "reference")])
-    print(f"{bench:10s} reference {reference:9,.0f} pairs/s")
-    for dtype in ("float32", "bfloat16"):
-      ours = statistics.median(rates[(bench, dtype)])
-      target = TARGETS[(bench, dtype)]
-      print(
-        f"{bench:10s} {dtype:9s} {ours:9,.0f} pairs/s  "
-        f"{ours / reference:.2f}x (target {target:.1f}x)"
-      )
+    for label, _ in lengths:
+      reference = statistics.median(rates[(bench, label, "reference")])
+      print(f"{bench:10s} {label:5s} reference {reference:9,.0f} pairs/s")
+      for dtype in dtypes:
+        ours = statistics.median(rates[(bench, label, dtype)])
+        target = TARGETS[(bench, dtype)]
+        print(
+          f"{bench:10s} {label:5s} {dtype:9s} {ours:9,.0f} pairs/s  "
+          f"{ours / reference:.2f}x (target {target:.1f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,13 @@ finished work; TF32 is left at torch's defaults, which the JSON records.
     python benchmarks/torch_reference.py train_step --head=sgr --batch=128
     python benchmarks/torch_reference.py eval --n_img=100 --n_cap=500 --threads=2
     python benchmarks/torch_reference.py train_step --device=cuda --caption_len=40
+    python benchmarks/torch_reference.py eval \
+        --caption_lengths=../shared/data/f30k_caption_lengths.json
+
+`--caption_lengths` draws the lengths from a histogram file's test split with
+the generator and seed `srem_jax.bench` uses, so both programs see the same
+lengths; the caption loop slices each caption to its own, as the reference
+does.
 """
 
 import argparse
@@ -37,6 +44,7 @@ if _ROOT not in sys.path:
   sys.path.append(_ROOT)  # srem_jax from this source tree when none is installed
 
 # The JAX benchmark's shapes, so both programs measure the same work.
+from srem_jax import padding  # noqa: E402
 from srem_jax.bench import PAPER_DIMS, TINY_DIMS  # noqa: E402
 
 EVAL_SHARD = 100  # images and captions per forward_sim call in NCR's evaluator
@@ -239,14 +247,24 @@ def _random_lengths(rng, n, caption_len):
   return torch.from_numpy(rng.integers(caption_len // 2, caption_len + 1, size=n))
 
 
-def bench_train_step(head, batch, caption_len, steps, dims, device="cpu"):
+def _drawn_lengths(histogram, n, rng):
+  lengths = torch.from_numpy(padding.draw_lengths(histogram, n, rng).astype(np.int64))
+  return lengths, int(lengths.max())
+
+
+def bench_train_step(
+  head, batch, caption_len, steps, dims, device="cpu", histogram=None
+):
   """Encoders, K x K scores, triplet loss, backward, clipping, Adam: as NCR trains."""
   torch.manual_seed(0)
   model = ReferenceSGRAF(head, **dims).train().to(device)
   optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
   rng = np.random.default_rng(0)
-  lengths = _random_lengths(rng, batch, caption_len)
-  lengths[0] = caption_len
+  if histogram is None:
+    lengths = _random_lengths(rng, batch, caption_len)
+    lengths[0] = caption_len
+  else:  # padded to the batch's longest, as the reference's collate pads
+    lengths, caption_len = _drawn_lengths(histogram, batch, rng)
   tokens = torch.from_numpy(rng.integers(4, dims["vocab_size"], (batch, caption_len)))
   tokens[torch.arange(caption_len)[None] >= lengths[:, None]] = 0
   images = torch.randn(batch, dims["num_regions"], dims["img_dim"])
@@ -260,11 +278,14 @@ def bench_train_step(head, batch, caption_len, steps, dims, device="cpu"):
     nn.utils.clip_grad_norm_(model.parameters(), 2.0)
     optimizer.step()
 
-  shapes = {"batch": batch, "caption_len": caption_len, **dims}
+  shapes = {"batch": batch, "caption_len": caption_len, **dims,
+            "mean_length": float(lengths.double().mean())}  # fmt: skip
   return _measure("train_step", run, steps, batch * batch, shapes, device)
 
 
-def bench_eval(head, n_img, n_cap, caption_len, steps, dims, device="cpu"):
+def bench_eval(
+  head, n_img, n_cap, caption_len, steps, dims, device="cpu", histogram=None
+):
   """The pair loop alone on unit-norm embeddings, as srem_jax.bench eval times.
 
   Scored in NCR's evaluator's 100 x 100 shards under no_grad. The global
@@ -274,7 +295,11 @@ def bench_eval(head, n_img, n_cap, caption_len, steps, dims, device="cpu"):
   """
   torch.manual_seed(0)
   model = ReferenceSGRAF(head, **dims).eval().to(device)
-  lengths = _random_lengths(np.random.default_rng(0), n_cap, caption_len)
+  rng = np.random.default_rng(0)
+  if histogram is None:
+    lengths = _random_lengths(rng, n_cap, caption_len)
+  else:
+    lengths, caption_len = _drawn_lengths(histogram, n_cap, rng)
   e = dims["embed_dim"]
   regions = l2n(torch.randn(n_img, dims["num_regions"], e))
   img_glo = l2n(torch.randn(n_img, e))
@@ -296,7 +321,8 @@ def bench_eval(head, n_img, n_cap, caption_len, steps, dims, device="cpu"):
           )
 
   shapes = {"n_img": n_img, "n_cap": n_cap, "shard": EVAL_SHARD,
-            "caption_len": caption_len, **dims}  # fmt: skip
+            "caption_len": caption_len, **dims,
+            "mean_length": float(lengths.double().mean())}  # fmt: skip
   return _measure("eval", run, steps, n_img * n_cap, shapes, device)
 
 
@@ -318,20 +344,29 @@ def main(argv=None):
   parser.add_argument("--threads", type=_positive, help="Default: torch's choice.")
   parser.add_argument("--tiny", action="store_true", help="srem_jax.bench's tiny dims.")
   parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+  parser.add_argument(
+    "--caption_lengths", help="Histogram JSON to draw caption lengths from."
+  )
   args = parser.parse_args(argv)
   if args.device == "cuda" and not torch.cuda.is_available():
     parser.error("--device=cuda: torch sees no CUDA device")
   if args.threads:
     torch.set_num_threads(args.threads)
   dims = TINY_DIMS if args.tiny else PAPER_DIMS
+  histogram = None
+  if args.caption_lengths:
+    histogram = padding.read_histogram(args.caption_lengths)
+  common = dict(dims=dims, device=args.device, histogram=histogram)
   if args.mode == "train_step":
     result = bench_train_step(
-      args.head, args.batch, args.caption_len, args.steps, dims, args.device
+      args.head, args.batch, args.caption_len, args.steps, **common
     )
   else:
     result = bench_eval(
-      args.head, args.n_img, args.n_cap, args.caption_len, args.steps, dims, args.device
+      args.head, args.n_img, args.n_cap, args.caption_len, args.steps, **common
     )
+  if histogram is not None:
+    result["caption_lengths"] = {"file": args.caption_lengths}
   if args.device == "cuda":
     result |= {
       "device_name": torch.cuda.get_device_name(),

@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.val_images = 1000  # validate on the first N images of val_split (0 = all)
   c.data.test_split = "test"  # split tested at the end (COCO: testall)
   c.data.eval_protocol = "full"  # full | coco (5 folds of 1K and the whole 5K)
-  c.data.caption_len = 0  # static padded caption length; 0 = longest in the data
+  c.data.caption_len = 0  # static padded length; 0 = length buckets (srem_jax/padding.py)
   c.data.num_workers = 0  # grain worker processes for training (0 = in process)
   c.data.features_on_device = False  # keep training image features in device memory (model.dtype) and gather batches by index in the step
   # The embedded synthetic dataset (SPEC §7), generated into raw_dir when enabled.
@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic.feature_dim = 2048  # width of a region feature
   c.data.synthetic.num_concepts = 64  # latent concepts shared by images and words
   c.data.synthetic.seed = 0  # generator seed (the dataset is a function of it)
+  c.data.synthetic.long_captions = False  # Flickr30K-like long-tailed lengths
 
   # ---- noisy correspondences (SPEC §1.2) -----------------------------------
   c.noise = ml_collections.ConfigDict()

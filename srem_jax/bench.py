@@ -11,6 +11,13 @@ last line printed is one JSON object.
     python -m srem_jax.bench eval --n_img=100 --n_cap=500
     python -m srem_jax.bench pipeline --batch=128 --steps=20 [--index_only]
     python -m srem_jax.bench checks   # GPU/TPU programs, checked without either
+    python -m srem_jax.bench eval --caption_lengths=../shared/data/f30k_caption_lengths.json
+
+With `--caption_lengths` (a histogram file, `srem_jax.padding.read_histogram`)
+caption lengths are drawn from its test split, the static length is its
+longest, and captions are padded as the product pads them
+(`padding.bucket_lengths`): a training batch to its bucket, evaluation tiles
+to theirs. Without it, lengths lie in [L/2, L] and one caption has L tokens.
 
 Models take the execution sizes `srem_jax.execution.resolve()` picks for the
 machine (flags override them).
@@ -38,7 +45,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh
 
-from srem_jax import execution, sharding, step
+from srem_jax import execution, padding, sharding, step
 from srem_jax.errors import UserError
 from srem_jax.models import tiling
 from srem_jax.models.heads import REMAT_MODES
@@ -116,9 +123,17 @@ def make_model(head, dtype, dims, **overrides) -> SGRAF:
   return SGRAF(head=head, dtype=DTYPES[dtype], **fields, **sizes)
 
 
-def _random_batch(rng, batch, caption_len, dims):
-  lengths = rng.integers(caption_len // 2, caption_len + 1, size=batch)
+def _fixed_lengths(rng, n, caption_len):
+  """Lengths in [L/2, L], one of them L (so the padded length is L)."""
+  lengths = rng.integers(caption_len // 2, caption_len + 1, size=n)
   lengths[0] = caption_len
+  return lengths
+
+
+def _random_batch(rng, batch, caption_len, dims, lengths=None):
+  """A batch with `lengths` (default `_fixed_lengths`), padded to `caption_len`."""
+  if lengths is None:
+    lengths = _fixed_lengths(rng, batch, caption_len)
   tokens = rng.integers(4, dims["vocab_size"], size=(batch, caption_len))
   tokens = np.where(np.arange(caption_len)[None] < lengths[:, None], tokens, 0)
   images = rng.normal(size=(batch, dims["num_regions"], dims["img_dim"]))
@@ -139,15 +154,25 @@ def bench_train_step(
   steps=3,
   dims=None,
   hlo=False,
+  caption_lengths=None,
   **model_kw,
 ) -> dict:
   """Times `step.make_train_step` (SREM loss, clipping, Adam) on one device.
 
   With `hlo`, the result also holds the compiled step's HLO text ("hlo").
+  `caption_lengths` (a histogram file) draws the batch's lengths from it and
+  pads the batch to its bucket, as the training loader does.
   """
   from configs import base  # the defaults every run starts from
 
   dims = dims or PAPER_DIMS
+  rng = np.random.default_rng(0)
+  lengths = None
+  if caption_lengths:
+    histogram = padding.read_histogram(caption_lengths)
+    lengths = padding.draw_lengths(histogram, batch, rng)
+    buckets = padding.bucket_lengths(int(histogram[0].max()))
+    caption_len = padding.padded_length(int(lengths.max()), buckets)
   config = base.get_config()
   mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
   model = make_model(head, dtype, dims, **model_kw)
@@ -165,7 +190,7 @@ def bench_train_step(
     model, tx, step.loss_options(config.loss), mesh, warmup=False, external_clean=False
   )
   data = sharding.global_batch(
-    _random_batch(np.random.default_rng(0), batch, caption_len, dims), mesh
+    _random_batch(rng, batch, caption_len, dims, lengths), mesh
   )
   start = time.perf_counter()
   compiled = train_step.lower(state, data).compile()
@@ -194,8 +219,21 @@ def bench_train_step(
     "warmup_s": warmup_s,
     "flops_per_step": flops,
     "shapes": {"batch": batch, "caption_len": caption_len, **dims},
+    **_lengths_record(caption_lengths, lengths),
     **_common(head, dtype, model),
     **({"hlo": compiled.as_text()} if hlo else {}),
+  }
+
+
+def _lengths_record(path, lengths) -> dict:
+  if lengths is None:
+    return {}
+  return {
+    "caption_lengths": {
+      "file": path,
+      "mean": float(np.mean(lengths)),
+      "max": int(np.max(lengths)),
+    }
   }
 
 
@@ -217,7 +255,7 @@ def _common(head, dtype, model) -> dict:
   }
 
 
-def _random_embeddings(rng, n_img, n_cap, caption_len, dims):
+def _random_embeddings(rng, n_img, n_cap, caption_len, dims, lengths=None):
   e = dims["embed_dim"]
 
   def unit(*shape):
@@ -226,7 +264,8 @@ def _random_embeddings(rng, n_img, n_cap, caption_len, dims):
     x /= np.sqrt(np.einsum("...e,...e->...", x, x))[..., None]  # no full temporaries
     return x
 
-  lengths = rng.integers(caption_len // 2, caption_len + 1, size=n_cap)
+  if lengths is None:
+    lengths = rng.integers(caption_len // 2, caption_len + 1, size=n_cap)
   mask = np.arange(caption_len)[None] < lengths[:, None]
   img = ImageEmbedding(unit(n_img, dims["num_regions"], e), unit(n_img, e))
   words = unit(n_cap, caption_len, e)
@@ -251,25 +290,42 @@ def bench_eval(
   img_tile=128,
   cap_tile=256,
   max_tiles=0,
+  caption_lengths=None,
+  static=False,
   **model_kw,
 ) -> dict:
   """Times `tiling.score_all` over jitted `SGRAF.score` on random embeddings.
 
-  `max_tiles` > 0 stops each pass after that many tiles, so the memory of a
-  large evaluation (all embeddings on the host) can be measured in minutes.
+  Caption tiles are padded as evaluation pads them (`padding.bucket_lengths`
+  below the static length), or all to the static length with `static` (as
+  with `data.caption_len` > 0). `caption_lengths` (a histogram file) draws
+  the lengths from it; its longest is the static length. `max_tiles` > 0
+  stops each pass after that many tiles, so the memory of a large evaluation
+  (all embeddings on the host) can be measured in minutes.
   """
   dims = dims or PAPER_DIMS
   model = make_model(head, dtype, dims, **model_kw)
   rng = np.random.default_rng(0)
+  lengths = None
+  if caption_lengths:
+    histogram = padding.read_histogram(caption_lengths)
+    caption_len = int(histogram[0].max())
+    lengths = padding.draw_lengths(histogram, n_cap, rng)
   small = _random_batch(rng, 2, caption_len, dims)
   variables = jax.jit(
     lambda key: model.init(
       key, small["images"], small["tokens"], small["lengths"], train=False
     )
   )(jax.random.PRNGKey(0))
-  img, cap = _random_embeddings(rng, n_img, n_cap, caption_len, dims)
+  img, cap = _random_embeddings(rng, n_img, n_cap, caption_len, dims, lengths)
   score = jax.jit(lambda v, i, c: model.apply(v, i, c, train=False, method=SGRAF.score))
   img_tile, cap_tile = min(img_tile, n_img), min(cap_tile, n_cap)
+  buckets = None if static else padding.bucket_lengths(caption_len)
+  cap_lengths = cap.mask.sum(axis=1)
+  if buckets is None:
+    tile_lengths = [caption_len] * -(-n_cap // cap_tile)
+  else:
+    tile_lengths = [n for _, n in tiling.caption_tiles(cap_lengths, cap_tile, buckets)]
 
   def tile_shape(embedding, rows):
     return jax.tree.map(
@@ -277,9 +333,12 @@ def bench_eval(
     )
 
   start = time.perf_counter()
-  compiled = score.lower(
-    variables, tile_shape(img, img_tile), tile_shape(cap, cap_tile)
-  ).compile()
+  compiled = {
+    length: score.lower(
+      variables, tile_shape(img, img_tile), _cap_tile_shape(cap, cap_tile, length)
+    ).compile()
+    for length in sorted(set(tile_lengths))
+  }
   compile_s = time.perf_counter() - start
 
   def stop_after(done, total):
@@ -289,23 +348,31 @@ def bench_eval(
   def run():
     try:
       tiling.score_all(
-        lambda i, c: compiled(variables, i, c),
+        lambda i, c: compiled[c.words.shape[1]](variables, i, c),
         img,
         cap,
         img_tile=img_tile,
         cap_tile=cap_tile,
         progress=stop_after,
+        cap_lengths=cap_lengths,
+        buckets=buckets,
       )
     except _EnoughTiles:
       return  # the measured tiles are done; the rest of the matrix is skipped
 
   warmup_s, _ = _median_time(run, 1)
   median_s, times = _median_time(run, steps)
-  total_tiles = -(-n_img // img_tile) * -(-n_cap // cap_tile)
-  pairs = n_img * n_cap
-  if max_tiles and max_tiles < total_tiles:
-    pairs = max_tiles * img_tile * cap_tile
-  flops = pairs * pair_flops(head, caption_len=caption_len, **_head_dims(dims))
+  per_tile_flops = [
+    pair_flops(head, caption_len=n, **_head_dims(dims)) for n in tile_lengths
+  ]
+  columns = [min(cap_tile, n_cap - j) for j in range(0, n_cap, cap_tile)]
+  row_blocks = -(-n_img // img_tile)
+  visited = [(rows, k) for rows in range(row_blocks) for k in range(len(columns))]
+  if max_tiles:
+    visited = visited[:max_tiles]
+  rows_of = lambda b: min(img_tile, n_img - b * img_tile)
+  pairs = sum(rows_of(b) * columns[k] for b, k in visited)
+  flops = sum(rows_of(b) * columns[k] * per_tile_flops[k] for b, k in visited)
   return {
     "bench": "eval",
     "pairs_per_s": pairs / median_s,
@@ -315,6 +382,7 @@ def bench_eval(
     "compile_s": compile_s,
     "warmup_s": warmup_s,
     "pairs_timed": pairs,
+    "compiled_lengths": sorted(compiled),
     "shapes": {
       "n_img": n_img,
       "n_cap": n_cap,
@@ -323,8 +391,18 @@ def bench_eval(
       "caption_len": caption_len,
       **dims,
     },
+    **_lengths_record(caption_lengths, lengths),
     **_common(head, dtype, model),
   }
+
+
+def _cap_tile_shape(cap, rows, length):
+  """Shapes of a caption tile of `rows` captions and `length` word positions."""
+  return CaptionEmbedding(
+    jax.ShapeDtypeStruct((rows, length) + cap.words.shape[2:], cap.words.dtype),
+    jax.ShapeDtypeStruct((rows,) + cap.glob.shape[1:], cap.glob.dtype),
+    jax.ShapeDtypeStruct((rows, length), cap.mask.dtype),
+  )
 
 
 def bench_pipeline(
@@ -455,6 +533,15 @@ def _define_flags() -> dict:
       "pipeline: yield image indices only, as with data.features_on_device.",
     ),
     tiny=flags.DEFINE_bool("tiny", False, "Tiny dims instead of the paper's."),
+    caption_lengths=flags.DEFINE_string(
+      "caption_lengths",
+      None,
+      "train_step/eval: histogram JSON ({splits: {test: {length: count}}}) to "
+      "draw caption lengths from; its longest is the static length.",
+    ),
+    static=flags.DEFINE_bool(
+      "static", False, "eval: pad every tile to the static length (no buckets)."
+    ),
   )
 
 
@@ -484,6 +571,7 @@ def main(argv, flag_values) -> None:
       head=values["head"],
       batch=values["batch"],
       dtype=values["dtype"],
+      caption_lengths=values["caption_lengths"],
       **common,
       **model_kw,
     )
@@ -496,6 +584,8 @@ def main(argv, flag_values) -> None:
       img_tile=values["img_tile"],
       cap_tile=values["cap_tile"],
       max_tiles=values["max_tiles"],
+      caption_lengths=values["caption_lengths"],
+      static=values["static"],
       **common,
       **model_kw,
     )

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from srem_jax import checkpoint, cli, execution, losses, metrics, sharding
+from srem_jax import checkpoint, cli, execution, losses, metrics, padding, sharding
 from srem_jax.data import dataset, pipeline
 from srem_jax.errors import UserError
 from srem_jax.models import tiling
@@ -123,6 +123,8 @@ def similarity_matrix(model, variables, split, config, mesh, caption_len, num_im
     enabled=config.progress.enabled,
     delay_s=config.progress.delay_s,
   )
+  # Tiles of short captions keep only their bucket's word positions.
+  buckets = padding.bucket_lengths(caption_len, config.data.caption_len)
   sims = tiling.score_all(
     lambda i, c: score(variables, place(i, rows), place(c, full)),
     img,
@@ -130,6 +132,8 @@ def similarity_matrix(model, variables, split, config, mesh, caption_len, num_im
     img_tile=img_tile,
     cap_tile=plan.cap_tile,
     progress=progress,
+    cap_lengths=cap.mask.sum(axis=1),
+    buckets=buckets if len(buckets) > 1 else None,
   )
   return sims, cap_to_img
 
@@ -184,7 +188,12 @@ def train_pair_statistics(model, variables, data, config, mesh, *, tau, temp):
     delay_s=config.progress.delay_s,
   )
   batches = pipeline.pair_batches(
-    data.train, data.noise.t2i, batch_size, data.caption_len, seed=config.train.seed
+    data.train,
+    data.noise.t2i,
+    batch_size,
+    data.caption_len,
+    seed=config.train.seed,
+    buckets=data.buckets,
   )
   for done, batch in enumerate(batches, 1):
     values = _to_host(stats(variables, sharding.global_batch(batch, mesh)))

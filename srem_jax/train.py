@@ -134,6 +134,7 @@ def _open_run(config, workdir: str) -> _Run:
     num_workers=config.data.num_workers,
     max_steps_per_epoch=tcfg.steps_per_epoch,
     with_images=not on_device,
+    buckets=data.buckets,
   )
   if loader.steps_per_epoch < 1:
     raise UserError(
@@ -210,20 +211,22 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
     epoch = step // spe
     warmup = config.loss.name == "srem" and epoch < tcfg.warmup_epochs
     external = use_gmm and not warmup
-    if (warmup, external) not in compiled:
-      compiled[warmup, external] = make_train_step(
-        run.model,
-        run.tx,
-        loss_kw,
-        run.mesh,
-        warmup=warmup,
-        external_clean=external,
-        features_on_device=run.features is not None,
-      )
-    step_fn = compiled[warmup, external]
     sums, pairs = None, diagnostics.PairCollector()
     while step < (epoch + 1) * spe:
       batch = next(iterator)
+      # One step variant per caption bucket (`padding`), each compiled once.
+      key = (warmup, external, batch["tokens"].shape[1])
+      if key not in compiled:
+        compiled[key] = make_train_step(
+          run.model,
+          run.tx,
+          loss_kw,
+          run.mesh,
+          warmup=warmup,
+          external_clean=external,
+          features_on_device=run.features is not None,
+        )
+      step_fn = compiled[key]
       if external:
         batch["selected"] = selection[batch["cap_index"]]
       resident = () if run.features is None else (run.features,)

@@ -82,3 +82,23 @@ def test_command_line_rejects_a_missing_mode_in_one_line():
   assert run.stderr.strip().splitlines() == [
     "error: expected one mode argument out of train_step, eval, pipeline, checks"
   ]
+
+
+def test_benches_draw_caption_lengths_from_a_histogram(tmp_path):
+  path = tmp_path / "lengths.json"
+  path.write_text(json.dumps({"splits": {"test": {"5": 6, "7": 3, "30": 1}}}))
+  kw = dict(steps=1, dims=bench.TINY_DIMS, caption_lengths=str(path))
+  train = bench.bench_train_step(head="sgr", batch=6, **kw)
+  drawn = train["caption_lengths"]
+  # The batch is padded to the bucket of its longest drawn caption.
+  assert train["shapes"]["caption_len"] == (8 if drawn["max"] <= 8 else 30)
+  assert 5 <= drawn["mean"] <= drawn["max"] <= 30
+  evaluation = bench.bench_eval(
+    head="sgr", n_img=3, n_cap=40, img_tile=2, cap_tile=8, **kw
+  )
+  assert evaluation["shapes"]["caption_len"] == 30
+  assert evaluation["pairs_timed"] == 120
+  # Short tiles get bucket 8, the tile holding a 30-token caption the static 30.
+  assert evaluation["compiled_lengths"] == [8, 30]
+  static = bench.bench_eval(head="sgr", n_img=3, n_cap=40, static=True, **kw)
+  assert static["compiled_lengths"] == [30]

@@ -16,6 +16,7 @@ from typing import Callable
 import jax
 from jax.experimental import multihost_utils
 
+from srem_jax import padding
 from srem_jax.data import layout, noise, pipeline, prepare, synthetic
 from srem_jax.errors import UserError
 
@@ -35,7 +36,8 @@ class RunData:
   val: pipeline.PreparedSplit
   test: pipeline.PreparedSplit
   noise: noise.Noise
-  caption_len: int
+  caption_len: int  # the static padded length (model init, evaluation embeddings)
+  buckets: tuple[int, ...]  # lengths a training batch may be padded to
   val_images: int  # images of the validation split used every epoch
   vocab_size: int
   prepared_dir: str
@@ -146,6 +148,7 @@ def open_data(config, workdir: str, log: Callable[[str], None] = print) -> RunDa
     test=test,
     noise=run_noise,
     caption_len=caption_len,
+    buckets=padding.bucket_lengths(caption_len, data_cfg.caption_len),
     val_images=n_val,
     vocab_size=train.vocab_size,
     prepared_dir=prepared_dir,

@@ -6,7 +6,10 @@ at read time. Training: batch number `s` (global count) belongs to epoch
 depending on (seed, epoch) only, so a batch is a pure function of `s` and the
 iterator state is just the next `s`. Each process reads its own contiguous
 slice of every global batch. Evaluation streams visit every example exactly
-once and pad the last batch (mask False) instead of dropping it.
+once and pad the last batch (mask False) instead of dropping it. Training
+and selection batches are padded to the bucket of their global batch's
+longest caption (`srem_jax.padding`, given as `buckets`), or to the static
+length.
 
     split = load_prepared("data/prepared", "f30k_precomp", "train")
     loader = train_loader(split, t2i, clean, global_batch_size=128,
@@ -26,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
+from srem_jax import padding
 from srem_jax.data import prepare
 from srem_jax.errors import UserError
 
@@ -82,10 +86,8 @@ class PreparedSplit:
       ).reshape(shape)
     return out
 
-  def padded_tokens(
-    self, indices: np.ndarray, caption_len: int
-  ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens (n, caption_len) int32 zero-padded, and lengths (n,) int32."""
+  def caption_tokens(self, indices: np.ndarray) -> list[np.ndarray]:
+    """The int32 tokens of each caption, unpadded."""
     # Parsed directly like `images`: TFDS's generic decode of a few small
     # fields costs more than the rest of an index-only batch.
     records = self._source("captions").data_source
@@ -97,11 +99,13 @@ class PreparedSplit:
           f"{self.path}: caption records out of order; delete it to rebuild"
         )
       pieces.append(np.array(feature["tokens"].int64_list.value, np.int32))
-    lengths = np.fromiter(map(len, pieces), np.int32, count=len(pieces))
-    tokens = np.zeros((len(pieces), caption_len), np.int32)
-    if pieces:
-      tokens[np.arange(caption_len) < lengths[:, None]] = np.concatenate(pieces)
-    return tokens, lengths
+    return pieces
+
+  def padded_tokens(
+    self, indices: np.ndarray, caption_len: int
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens (n, caption_len) int32 zero-padded, and lengths (n,) int32."""
+    return _pad_tokens(self.caption_tokens(indices), caption_len)
 
   def image(self, i: int) -> np.ndarray:
     return self.images(np.array([i]))[0]
@@ -120,6 +124,14 @@ class PreparedSplit:
 
   def tokens(self, k: int) -> np.ndarray:
     return self._source("captions")[int(k)]["tokens"]
+
+
+def _pad_tokens(pieces, caption_len: int) -> tuple[np.ndarray, np.ndarray]:
+  lengths = np.fromiter(map(len, pieces), np.int32, count=len(pieces))
+  tokens = np.zeros((len(pieces), caption_len), np.int32)
+  if pieces:
+    tokens[np.arange(caption_len) < lengths[:, None]] = np.concatenate(pieces)
+  return tokens, lengths
 
 
 def load_prepared(prepared_dir: str, name: str, split: str) -> PreparedSplit:
@@ -168,11 +180,26 @@ def _process_slice(batch_size, process_index, process_count) -> tuple[int, int]:
   return index * rows, rows
 
 
+def _batch_length(split, pieces, cap_index, global_index, buckets) -> int:
+  """The bucket of the global batch's longest caption: the same on every process."""
+  if len(buckets) == 1:
+    return buckets[0]
+  if len(global_index) == len(cap_index):  # this process reads the whole batch
+    longest = max(map(len, pieces))
+  else:
+    longest = max(map(len, split.caption_tokens(global_index)))
+  return padding.padded_length(longest, buckets)
+
+
 def _pair_batch(
-  split, t2i, clean, cap_index, caption_len, with_images=True
+  split, t2i, clean, cap_index, buckets, with_images=True, global_index=None
 ) -> dict[str, np.ndarray]:
+  """The pairs `cap_index` (this process's rows of the batch `global_index`)."""
   img_index = t2i[cap_index]
-  tokens, lengths = split.padded_tokens(cap_index, caption_len)
+  pieces = split.caption_tokens(cap_index)
+  global_index = cap_index if global_index is None else global_index
+  caption_len = _batch_length(split, pieces, cap_index, global_index, buckets)
+  tokens, lengths = _pad_tokens(pieces, caption_len)
   batch = {
     "tokens": tokens,
     "lengths": lengths,
@@ -212,7 +239,7 @@ class _TrainBatches:
   t2i: np.ndarray
   clean: np.ndarray
   global_batch_size: int
-  caption_len: int
+  buckets: tuple[int, ...]  # lengths a batch may be padded to (`padding`)
   seed: int
   steps_per_epoch: int
   first_row: int  # this process's rows of each global batch
@@ -229,10 +256,17 @@ class _TrainBatches:
     if cached_epoch != epoch:
       order = epoch_order(self.seed, epoch, self.split.n_captions)
       self._order = (epoch, order)
-    start = within * self.global_batch_size + self.first_row
-    cap_index = order[start : start + self.rows]
+    first = within * self.global_batch_size
+    global_index = order[first : first + self.global_batch_size]
+    cap_index = global_index[self.first_row : self.first_row + self.rows]
     return _pair_batch(
-      self.split, self.t2i, self.clean, cap_index, self.caption_len, self.with_images
+      self.split,
+      self.t2i,
+      self.clean,
+      cap_index,
+      self.buckets,
+      self.with_images,
+      global_index,
     )
 
 
@@ -310,14 +344,17 @@ def train_loader(
   process_count: int | None = None,
   max_steps_per_epoch: int = 0,
   with_images: bool = True,
+  buckets: tuple[int, ...] | None = None,
 ) -> TrainLoader:
   """Training batches; `max_steps_per_epoch` > 0 caps the epoch length.
 
+  Each batch is padded to the smallest of `buckets` that holds its longest
+  caption (default: to `caption_len`, resolved by `caption_length`).
   `with_images=False` leaves `images` out of every batch and reads no
   features: the step then gathers them by `img_index` from device memory.
   """
   t2i, clean = _check_noise(split, t2i, clean)
-  caption_len = caption_length(split, caption_len)
+  buckets = _buckets(split, caption_len, buckets)
   steps_per_epoch = split.n_captions // global_batch_size
   if steps_per_epoch < 1:
     raise UserError(
@@ -332,7 +369,7 @@ def train_loader(
     t2i=t2i,
     clean=clean,
     global_batch_size=global_batch_size,
-    caption_len=caption_len,
+    buckets=buckets,
     seed=seed,
     steps_per_epoch=steps_per_epoch,
     first_row=first_row,
@@ -340,6 +377,18 @@ def train_loader(
     with_images=with_images,
   )
   return TrainLoader(batches, num_workers)
+
+
+def _buckets(split, caption_len, buckets) -> tuple[int, ...]:
+  static = caption_length(split, caption_len)
+  if buckets is None:
+    return (static,)
+  if max(buckets) < split.max_caption_len:
+    raise UserError(
+      f"caption buckets {tuple(buckets)} are shorter than the longest caption "
+      f"of {split.split} ({split.max_caption_len} tokens)"
+    )
+  return tuple(buckets)
 
 
 def _padded_chunks(
@@ -419,15 +468,21 @@ def pair_batches(
   clean: np.ndarray | None = None,
   process_index: int | None = None,
   process_count: int | None = None,
+  buckets: tuple[int, ...] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Every training pair once in a seeded order, like `train_loader` plus mask.
 
-  `clean` defaults to `t2i == split.cap_to_img`.
+  `clean` defaults to `t2i == split.cap_to_img`; `buckets` as in `train_loader`.
   """
   t2i, clean = _check_noise(split, t2i, clean)
-  caption_len = caption_length(split, caption_len)
+  buckets = _buckets(split, caption_len, buckets)
   order = np.random.default_rng(np.random.SeedSequence([seed])).permutation(
     split.n_captions
   )
-  for rows, mask in _padded_chunks(order, batch_size, process_index, process_count):
-    yield {**_pair_batch(split, t2i, clean, rows, caption_len), "mask": mask}
+  for start, (rows, mask) in zip(
+    range(0, len(order), batch_size),
+    _padded_chunks(order, batch_size, process_index, process_count),
+  ):
+    whole = order[start : start + batch_size]
+    batch = _pair_batch(split, t2i, clean, rows, buckets, global_index=whole)
+    yield {**batch, "mask": mask}

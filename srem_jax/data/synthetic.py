@@ -8,6 +8,9 @@ features) and the rest show clutter unrelated to any word. Its 5 captions each
 mention a random subset of the objects through synonyms, wrapped in filler
 words and punctuation. Train has one feature row per image; dev and test
 repeat each row 5x, like the F30K/COCO files, so both layouts are exercised.
+With `long_captions`, each caption is lengthened with filler words to a word
+count drawn from a long-tailed (log-normal) distribution shaped like
+Flickr30K's: median 12 words, about 1% over 33, a tail reaching ~70.
 
     path = generate("data/demo", num_train=1000, feature_dim=128)
     # python -m srem_jax.data.synthetic --out data/demo --feature_dim 128
@@ -31,6 +34,9 @@ _INTROS = ("a photo of", "there's", "an image showing", "we can see", "it's", ""
 _CONNECTORS = (" with ", " near ", " and ", ", ", " next to ", " beside ")
 _ENDINGS = (".", "", " .", "!", " in the scene.", " (outdoors).")
 _ARTICLES = ("a", "the", "one")
+# Flickr30K-like caption lengths in words: log-normal around a median of 12.
+_LONG_MEDIAN_WORDS, _LONG_SIGMA, _LONG_MAX_WORDS = 12, 0.43, 80
+_PADDING_WORDS = ("the", "a", "with", "near", "and", "in", "scene", "of", "one")
 _FILLER = frozenset(
   w for text in _INTROS + _CONNECTORS + _ENDINGS + _ARTICLES for w in text.split()
 )
@@ -141,8 +147,18 @@ def _caption(rng: np.random.Generator, world: _World, objects, attached) -> str:
   return text[0].upper() + text[1:] if rng.random() < 0.5 else text
 
 
+def _lengthen(rng: np.random.Generator, text: str) -> str:
+  """`text` plus filler words up to a long-tailed drawn word count (never cut)."""
+  drawn = rng.lognormal(np.log(_LONG_MEDIAN_WORDS), _LONG_SIGMA)
+  extra = min(int(round(drawn)), _LONG_MAX_WORDS) - len(text.split())
+  if extra <= 0:
+    return text
+  words = rng.choice(_PADDING_WORDS, size=extra)
+  return text + " " + " ".join(words)
+
+
 def _write_split(
-  folder, split, rng, world, n, num_regions, rows_per_image
+  folder, split, rng, world, n, num_regions, rows_per_image, long_captions=False
 ) -> list[str]:
   shape = (n * rows_per_image, num_regions, world.prototypes.shape[1])
   path = os.path.join(folder, f"{split}_ims.npy")
@@ -155,9 +171,9 @@ def _write_split(
     rows = slice(start * rows_per_image, (start + count) * rows_per_image)
     features[rows] = np.repeat(block, rows_per_image, axis=0)
     for i in range(count):
-      captions += [
-        _caption(rng, world, objects[i], attached[i]) for _ in range(CAPS_PER_IMAGE)
-      ]
+      for _ in range(CAPS_PER_IMAGE):
+        caption = _caption(rng, world, objects[i], attached[i])
+        captions.append(_lengthen(rng, caption) if long_captions else caption)
   features.flush()
   del features
   with open(os.path.join(folder, f"{split}_caps.txt"), "w", encoding="utf-8") as f:
@@ -176,8 +192,12 @@ def generate(
   feature_dim: int = 2048,
   num_concepts: int = 64,
   seed: int = 0,
+  long_captions: bool = False,
 ) -> str:
-  """Writes the dataset and its vocabulary under `out_dir`; returns the dataset folder."""
+  """Writes the dataset and its vocabulary under `out_dir`; returns the dataset folder.
+
+  `long_captions` gives captions Flickr30K-like long-tailed lengths.
+  """
   sizes = dict(
     num_train=num_train,
     num_dev=num_dev,
@@ -219,7 +239,9 @@ def generate(
     )
     for (split, n, rows_per_image), seq in zip(splits, split_seqs):
       rng = np.random.default_rng(seq)
-      written = _write_split(staging, split, rng, world, n, num_regions, rows_per_image)
+      written = _write_split(
+        staging, split, rng, world, n, num_regions, rows_per_image, long_captions
+      )
       if split != "test":
         captions += written
     tokenizer.build_vocab(captions, min_count=4).save(vocab_path)
@@ -246,6 +268,9 @@ def _define_flags() -> None:
     "num_concepts", 64, "Latent concepts shared by images and words."
   )
   flags.DEFINE_integer("seed", 0, "Generator seed.")
+  flags.DEFINE_bool(
+    "long_captions", False, "Flickr30K-like long-tailed caption lengths."
+  )
 
 
 def main(argv) -> None:
@@ -262,6 +287,7 @@ def main(argv) -> None:
       feature_dim=f.feature_dim,
       num_concepts=f.num_concepts,
       seed=f.seed,
+      long_captions=f.long_captions,
     )
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
