@@ -5,24 +5,13 @@ finish with finite figures, the COCO figure must be extrapolated from the
 tiles it timed, and our scores must agree with the PyTorch reference's.
 """
 
-import importlib.util
 import json
 import math
-import pathlib
 
 import pytest
+from scripts import load_benchmark
 
-
-def _load_script():
-  # benchmarks/ is a folder of scripts, not a package: load the file itself.
-  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks/accelerator.py"
-  spec = importlib.util.spec_from_file_location("accelerator", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-accelerator = _load_script()
+accelerator = load_benchmark("accelerator")
 
 try:
   import torch  # noqa: F401

@@ -5,13 +5,12 @@ The torch reference model is saved as an NCR checkpoint, imported with
 """
 
 import argparse
-import importlib.util
 import json
-import pathlib
 
 import jax
 import numpy as np
 import pytest
+from scripts import load_benchmark
 
 from srem_jax.losses import triplet_hardest
 from srem_jax.models.sgraf import SGRAF
@@ -25,16 +24,7 @@ DIMS = dict(
 )  # fmt: skip
 
 
-def _load_benchmark():
-  # benchmarks/ is a folder of scripts, not a package: load the file itself.
-  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks/torch_reference.py"
-  spec = importlib.util.spec_from_file_location("torch_reference", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-torch_reference = _load_benchmark()
+torch_reference = load_benchmark("torch_reference")
 
 
 @pytest.fixture(autouse=True)
