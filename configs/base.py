@@ -105,6 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.execution.img_chunk = 0  # images per device per scan step, training SGR
   c.execution.cap_chunk = 0  # captions per scan step: scoring, SAF training
   c.execution.remat = ""  # what a scan step keeps for backward: none | full | dots
+  # Captions scored in groups of similar length, each cut to its own bucket
+  # (srem_jax/models/heads.py); False pads every caption to its batch's length.
+  c.execution.by_length = True
+  c.execution.length_group = 0  # captions per length group, training SGR
   c.execution.img_tile = 0  # images per all-pairs evaluation tile
   c.execution.cap_tile = 0  # captions per all-pairs evaluation tile
 

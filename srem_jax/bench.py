@@ -249,6 +249,7 @@ def _common(head, dtype, model) -> dict:
     "img_chunk": model.img_chunk,
     "cap_chunk": model.cap_chunk,
     "remat": model.remat,
+    "length_group": model.length_group,
     "device_kind": _device_kind(),
     "jax": jax.__version__,
     "peak_rss_mb": _peak_rss_mb(),
@@ -526,6 +527,12 @@ def _define_flags() -> dict:
     remat=flags.DEFINE_enum(
       "remat", None, list(REMAT_MODES), "Rematerialisation (default: model's)."
     ),
+    length_group=flags.DEFINE_integer(
+      "length_group",
+      -1,
+      "Captions per length group (0 = every caption at the padded length, "
+      "-1 = model default).",
+    ),
     num_workers=flags.DEFINE_integer("num_workers", 0, "pipeline: grain workers."),
     index_only=flags.DEFINE_bool(
       "index_only",
@@ -560,6 +567,8 @@ def main(argv, flag_values) -> None:
       model_kw[chunk] = values[chunk]
   if values["remat"]:
     model_kw["remat"] = values["remat"]
+  if values["length_group"] >= 0:
+    model_kw["length_group"] = values["length_group"]
   common = dict(caption_len=values["caption_len"], steps=values["steps"], dims=dims)
   if mode == "checks":
     from srem_jax import accelerator_checks  # imports this module

@@ -30,6 +30,7 @@ class Preset:
   img_chunk: int  # images per device per scan step, training SGR
   cap_chunk: int  # captions per scan step: scoring, SAF training
   remat: str  # what a scan step keeps for the backward pass
+  length_group: int  # captions per length group, training SGR
   img_tile: int  # images per all-pairs evaluation tile
   cap_tile: int  # captions per all-pairs evaluation tile
   sized_for_bytes: float  # device memory the sizes above were chosen for
@@ -48,6 +49,7 @@ PRESETS = {
     img_chunk=4,
     cap_chunk=4,
     remat="dots",
+    length_group=16,
     img_tile=128,
     cap_tile=256,
     sized_for_bytes=0,
@@ -57,6 +59,7 @@ PRESETS = {
     img_chunk=32,
     cap_chunk=16,
     remat="dots",
+    length_group=32,
     img_tile=1024,
     cap_tile=1024,
     # jax's GPU allocator takes 75% of the memory by default: 105 GiB of an H200.
@@ -67,6 +70,7 @@ PRESETS = {
     img_chunk=8,
     cap_chunk=8,
     remat="dots",
+    length_group=32,
     img_tile=256,
     cap_tile=512,
     sized_for_bytes=15 * GIB,
@@ -86,6 +90,7 @@ class Execution(NamedTuple):
   img_tile: int
   cap_tile: int
   matmul_precision: str
+  length_group: int  # 0: every caption scored at its batch's padded length
   reason: str
 
   def model_kwargs(self) -> dict[str, Any]:
@@ -95,6 +100,7 @@ class Execution(NamedTuple):
       cap_chunk=self.cap_chunk,
       remat=self.remat,
       precision=self.matmul_precision,
+      length_group=self.length_group,
     )
 
 
@@ -158,7 +164,7 @@ def resolve(exec_cfg=None, device=None) -> Execution:
     how = f"auto: backend {device.platform}, {device.device_kind}"
   preset, memory_note = _scaled(PRESETS[name], device_memory_bytes(device))
   sizes = {}
-  for key in ("img_chunk", "cap_chunk", "img_tile", "cap_tile"):
+  for key in ("img_chunk", "cap_chunk", "length_group", "img_tile", "cap_tile"):
     value = get(key, 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise UserError(
@@ -172,10 +178,16 @@ def resolve(exec_cfg=None, device=None) -> Execution:
       f"config execution.remat={remat!r}: must be one of {', '.join(REMAT_MODES)} "
       "or '' (the preset's)"
     )
+  by_length = get("by_length", True)
+  if not isinstance(by_length, bool):
+    raise UserError(f"config execution.by_length={by_length!r}: must be True or False")
+  if not by_length:
+    sizes["length_group"] = 0
   notes = ", ".join(x for x in (how, memory_note) if x)
   reason = (
     f"preset {name} ({notes}; {preset.why}): img_chunk {sizes['img_chunk']}, "
-    f"cap_chunk {sizes['cap_chunk']}, remat {remat}, eval tiles "
+    f"cap_chunk {sizes['cap_chunk']}, remat {remat}, "
+    f"length groups {sizes['length_group'] or 'off'}, eval tiles "
     f"{sizes['img_tile']}x{sizes['cap_tile']}, matmul precision {precision}"
   )
   return Execution(

@@ -225,6 +225,15 @@ def test_smaller_device_gets_smaller_chunks_and_overrides_win():
   assert (chosen.preset, chosen.img_chunk, chosen.remat) == ("gpu", 3, "full")
   assert chosen.cap_chunk == full.cap_chunk
   assert chosen.model_kwargs()["precision"] == "high"
+  assert chosen.model_kwargs()["length_group"] == full.length_group > 0
+  grouped = execution.resolve({"length_group": 8}, _Device("cpu"))
+  assert (
+    grouped.model_kwargs()["length_group"] == 8 and "length groups 8" in grouped.reason
+  )
+  plain = execution.resolve({"by_length": False, "length_group": 8}, _Device("cpu"))
+  assert (
+    plain.model_kwargs()["length_group"] == 0 and "length groups off" in plain.reason
+  )
 
 
 @pytest.mark.parametrize(
@@ -234,6 +243,8 @@ def test_smaller_device_gets_smaller_chunks_and_overrides_win():
     ("matmul_precision", "tf32", "execution.matmul_precision='tf32'"),
     ("img_chunk", -1, "execution.img_chunk=-1"),
     ("remat", "some", "execution.remat='some'"),
+    ("length_group", 2.5, "execution.length_group=2.5"),
+    ("by_length", "yes", "execution.by_length='yes'"),
   ],
 )
 def test_bad_execution_fields_name_the_field(field, value, message):

@@ -243,3 +243,96 @@ def test_sgr_training_scores_in_image_chunks_equal_caption_chunks():
     variables, img, cap, train=train, method=SGRAF.score
   )
   np.testing.assert_allclose(score(True), score(False), rtol=1e-5, atol=1e-7)
+
+
+# ---- scoring by caption length ----------------------------------------------
+
+
+def _long_and_short(head, seed):
+  """Nine captions of 2-30 tokens padded to 30 (buckets 8, 12, 16, 20, 24, 30)
+  against five images."""
+  rng = np.random.default_rng(seed)
+  model = SGRAF(vocab_size=50, head=head, img_dim=12, embed_dim=16, word_dim=8,
+                sim_dim=8, cap_chunk=2, img_chunk=2, length_group=4)  # fmt: skip
+  static = 30
+  lengths = np.array([3, 30, 5, 9, 2, 13, 7, 4, 22])
+  tokens = rng.integers(4, 50, size=(len(lengths), static))
+  tokens = np.where(np.arange(static)[None] < lengths[:, None], tokens, 0)
+  images = rng.normal(size=(5, 6, 12)).astype(np.float32)
+  variables = model.init(jax.random.PRNGKey(seed), images, tokens, lengths, train=False)
+  return model, variables, images, tokens, lengths
+
+
+@pytest.mark.parametrize(
+  "head, train", [("sgr", True), ("sgr", False), ("saf", True), ("saf", False)]
+)
+def test_scoring_by_length_equals_padded_scoring_and_its_gradients(head, train):
+  """Groups cut to their own bucket give the padded head's scores, gradients
+  and SAF statistics: only masked word positions are dropped, so they differ
+  by float32 summation order. Nine captions in groups of 4 (training SGR) or
+  2 also run a padded group; five images in chunks of 2 a padded chunk."""
+  model, variables, images, tokens, lengths = _long_and_short(head, seed=5)
+  img, cap = _embed(model, variables, images, tokens, lengths)
+  weights = np.random.default_rng(7).normal(size=(5, len(lengths)))
+
+  def run(length_group):
+    block = model.clone(length_group=length_group)
+
+    def loss(params, img, words, cap_glob):
+      scores, updates = block.apply(
+        {**variables, "params": params},
+        img,
+        CaptionEmbedding(words, cap_glob, cap.mask),
+        train=train,
+        mutable=["batch_stats"],
+        method=SGRAF.score,
+      )
+      return jnp.sum(weights * scores), (scores, updates)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    return grad(variables["params"], img, cap.words, cap.glob)
+
+  by_length, padded = run(4), run(0)
+  np.testing.assert_allclose(by_length[1][0], padded[1][0], rtol=0, atol=2e-6)
+  # SAF's train-mode BatchNorm amplifies summation-order noise in gradients:
+  # padding the plain head's words by five more zeros moves them by ~1e-5 of
+  # their largest entry too, so entries are compared on that scale.
+  close = lambda a, b: np.testing.assert_allclose(
+    a, b, rtol=2e-4, atol=max(1e-6, 2e-4 * float(np.max(np.abs(b))))
+  )
+  jax.tree.map(close, by_length[0], padded[0])
+  jax.tree.map(close, by_length[1][1], padded[1][1])
+  if head == "saf" and train:
+    assert by_length[1][1]["batch_stats"]["sim_enc"]["saf_bn_mean"] != 0
+
+
+def test_scoring_by_length_switches_between_every_bucket_and_trims_words():
+  """The program holds one branch per bucket below the padded length, each
+  with the words cut to that bucket."""
+  model, variables, images, tokens, lengths = _long_and_short("sgr", seed=6)
+  img, cap = _embed(model, variables, images, tokens, lengths)
+  jaxpr = jax.make_jaxpr(
+    lambda i, c: model.apply(variables, i, c, train=False, method=SGRAF.score)
+  )(img, cap)
+  switches = [eqn for eqn in _all_eqns(jaxpr.jaxpr) if eqn.primitive.name == "cond"]
+  assert len(switches) == 1
+  branches = switches[0].params["branches"]
+  cut = [
+    {eqn.outvars[0].aval.shape for eqn in _all_eqns(b.jaxpr)
+     if eqn.primitive.name == "slice"}
+    for b in branches
+  ]  # fmt: skip
+  # Each branch cuts a group's words (2, 30, 16) and mask (2, 30) to its bucket.
+  for bucket, shapes in zip((8, 12, 16, 20, 24), cut):
+    assert {(2, bucket, 16), (2, bucket)} <= shapes, (bucket, shapes)
+  assert len(branches) == 6 and not {(2, 30, 16)} & cut[-1]
+
+
+def _all_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          yield from _all_eqns(getattr(inner, "jaxpr", inner))

@@ -226,10 +226,15 @@ def test_bucketed_step_equals_padded_to_max_on_eight_devices(long_split, head):
     model, tx, seed=0, num_regions=REGIONS, img_dim=FEATURES,
     caption_len=static_len, mesh=mesh,
   )  # fmt: skip
-  train_step = step.make_train_step(
+  # Bucketed batches scored by length against every caption at the static
+  # length with the plain head (no length groups).
+  make_step = lambda model: step.make_train_step(
     model, tx, tiny.loss_options("srem"), mesh, warmup=head == "saf",
     external_clean=False,
   )  # fmt: skip
+  # Groups of 4: a batch of 16 (2 per device) spans several buckets.
+  train_step = make_step(model.clone(length_group=4))
+  padded_step = make_step(model.clone(length_group=0))
   bucketed, static, _ = _loaders(long_split)
   for _ in range(2):  # two steps: the second starts from the first's update
     short, full = next(bucketed), next(static)
@@ -237,7 +242,7 @@ def test_bucketed_step_equals_padded_to_max_on_eight_devices(long_split, head):
     # The step donates its state: each call gets its own copy.
     copy = lambda: jax.device_put(jax.device_get(state), sharding.replicated(mesh))
     out_short = train_step(copy(), sharding.global_batch(short, mesh))
-    out_full = train_step(copy(), sharding.global_batch(full, mesh))
+    out_full = padded_step(copy(), sharding.global_batch(full, mesh))
     (state_short, m_short), (state_full, m_full) = jax.device_get((out_short, out_full))
     chex.assert_trees_all_close(m_short, m_full, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(

@@ -56,6 +56,9 @@ class SGRAF(nn.Module):
   remat: str = "dots"  # what a chunk keeps for backward: none | full | dots
   img_chunk: int = 4  # images per device per scan step (SGR training)
   precision: str = "highest"  # matmul precision: highest | high | default
+  # Captions per length group in SGR training (`SimilarityHead`); 0 scores
+  # every caption at the batch's padded length.
+  length_group: int = 32
   # The data axis of the context mesh, set by the train step: the head and
   # the text GRU then run per device under shard_map (SAF's train-mode
   # statistics are summed over the axis).
@@ -83,6 +86,7 @@ class SGRAF(nn.Module):
       remat=self.remat,
       img_chunk=self.img_chunk,
       axis_name=self.axis_name,
+      length_group=self.length_group,
       **numerics,
     )
 
