@@ -164,15 +164,6 @@ def embed_split(model, variables, split, config, mesh, caption_len, num_images):
       process_count=pcount,
     )
   ]  # fmt: skip
-  # Global batches are the padded chunks of one index list in order, so
-  # the real rows come first once the batches are concatenated.
-  img_tile = min(_round_up(plan.img_tile, devices), _round_up(num_images, devices))
-  blocks = _image_blocks(
-    images,
-    count=num_images,
-    img_tile=img_tile,
-    where=NamedSharding(mesh, PartitionSpec(None, sharding.DATA_AXIS)),
-  )
   captions = [
     fns.encode_captions(variables, b["tokens"], b["lengths"])
     for b in (
@@ -184,18 +175,50 @@ def embed_split(model, variables, split, config, mesh, caption_len, num_images):
     )
   ]  # fmt: skip
   cap_index = np.flatnonzero(split.cap_to_img < num_images)
-  count = len(cap_index)
-  lengths = to_host(jnp.concatenate([c.mask.sum(axis=1) for c in captions]))[:count]
-  cap_tile = min(plan.cap_tile, count)
-  buckets = padding.bucket_lengths(caption_len, config.data.caption_len)
-  tiles = _tiles(lengths, cap_tile, buckets, caption_len)
+  lengths = to_host(jnp.concatenate([c.mask.sum(axis=1) for c in captions]))
+  # Global batches are the padded chunks of one index list in order, so
+  # the real rows come first once the batches are concatenated.
+  return lay_out(
+    images,
+    captions,
+    num_images,
+    lengths[: len(cap_index)],
+    split.cap_to_img[cap_index],
+    mesh=mesh,
+    img_tile=plan.img_tile,
+    cap_tile=plan.cap_tile,
+    buckets=padding.bucket_lengths(caption_len, config.data.caption_len),
+  )
+
+
+def lay_out(
+  images, captions, num_images, lengths, cap_to_img, *, mesh, img_tile, cap_tile,
+  buckets,
+) -> Embedded:  # fmt: skip
+  """Device embeddings in batches (lists of `ImageEmbedding`/`CaptionEmbedding`
+  whose real rows come first) laid out for `score_embedded`.
+
+  `lengths` are the captions' real words. With several `buckets` the caption
+  tiles follow the order of length and keep their bucket's words only; with
+  one, every tile keeps all `buckets[0]` positions, in the original order.
+  """
+  devices = mesh.devices.size
+  img_tile = min(_round_up(img_tile, devices), _round_up(num_images, devices))
+  blocks = _image_blocks(
+    images,
+    count=num_images,
+    img_tile=img_tile,
+    where=NamedSharding(mesh, PartitionSpec(None, sharding.DATA_AXIS)),
+  )
+  cap_tile = min(cap_tile, len(lengths))
+  tiles = _tiles(lengths, cap_tile, buckets, buckets[-1])
   groups = {}  # padded length -> its tiles' rows, each tile padded to cap_tile
   for rows, length in tiles:
     rows = np.concatenate([rows, np.full(cap_tile - len(rows), rows[-1])])
     groups.setdefault(length, []).append(rows)
   full = sharding.replicated(mesh)
   order = np.concatenate([rows for rows, _ in tiles])
-  buckets = _caption_buckets(
+  caption_tiles = _caption_buckets(
     captions,
     tuple(place(np.concatenate(g).astype(np.int32), full) for g in groups.values()),
     lengths=tuple(groups),
@@ -204,11 +227,11 @@ def embed_split(model, variables, split, config, mesh, caption_len, num_images):
   )
   return Embedded(
     images=blocks,
-    buckets=buckets,
+    buckets=caption_tiles,
     columns=place(np.argsort(order).astype(np.int32), full),
     num_images=num_images,
     tiles=len(tiles),
-    cap_to_img=split.cap_to_img[cap_index],
+    cap_to_img=np.asarray(cap_to_img),
   )
 
 
