@@ -8,7 +8,7 @@ timed apart; the reported rate is the median of the timed repetitions. The
 last line printed is one JSON object.
 
     python -m srem_jax.bench train_step --batch=128 --dtype=bfloat16
-    python -m srem_jax.bench eval --n_img=100 --n_cap=500
+    python -m srem_jax.bench eval --n_img=100 --n_cap=500 [--resident]
     python -m srem_jax.bench pipeline --batch=128 --steps=20 [--index_only]
     python -m srem_jax.bench checks   # GPU/TPU programs, checked without either
     python -m srem_jax.bench eval --caption_lengths=../shared/data/f30k_caption_lengths.json
@@ -293,17 +293,22 @@ def bench_eval(
   max_tiles=0,
   caption_lengths=None,
   static=False,
+  resident=False,
   **model_kw,
 ) -> dict:
-  """Times `tiling.score_all` over jitted `SGRAF.score` on random embeddings.
+  """Times `tiling.score_all` over jitted `SGRAF.score` on random embeddings,
+  or with `resident` the product's evaluation (`retrieval.score_embedded`:
+  embeddings on the devices, one call per image block over every caption tile).
 
   Caption tiles are padded as evaluation pads them (`padding.bucket_lengths`
   below the static length), or all to the static length with `static` (as
   with `data.caption_len` > 0). `caption_lengths` (a histogram file) draws
   the lengths from it; its longest is the static length. `max_tiles` > 0
   stops each pass after that many tiles, so the memory of a large evaluation
-  (all embeddings on the host) can be measured in minutes.
+  (all embeddings on the host) can be measured in minutes (host tiles only).
   """
+  if resident and max_tiles:
+    raise UserError("--max_tiles stops host tiles; it does not apply to --resident")
   dims = dims or PAPER_DIMS
   model = make_model(head, dtype, dims, **model_kw)
   rng = np.random.default_rng(0)
@@ -327,6 +332,59 @@ def bench_eval(
     tile_lengths = [caption_len] * -(-n_cap // cap_tile)
   else:
     tile_lengths = [n for _, n in tiling.caption_tiles(cap_lengths, cap_tile, buckets)]
+
+  if resident:
+    run, compile_s = _resident_pass(
+      model, variables, img, cap, cap_lengths, img_tile, cap_tile, buckets, caption_len
+    )
+  else:
+    run, compile_s = _host_pass(
+      score, variables, img, cap, cap_lengths, img_tile, cap_tile, buckets,
+      tile_lengths, max_tiles,
+    )  # fmt: skip
+
+  warmup_s, _ = _median_time(run, 1)
+  median_s, times = _median_time(run, steps)
+  per_tile_flops = [
+    pair_flops(head, caption_len=n, **_head_dims(dims)) for n in tile_lengths
+  ]
+  columns = [min(cap_tile, n_cap - j) for j in range(0, n_cap, cap_tile)]
+  row_blocks = -(-n_img // img_tile)
+  visited = [(rows, k) for rows in range(row_blocks) for k in range(len(columns))]
+  if max_tiles:
+    visited = visited[:max_tiles]
+  rows_of = lambda b: min(img_tile, n_img - b * img_tile)
+  pairs = sum(rows_of(b) * columns[k] for b, k in visited)
+  flops = sum(rows_of(b) * columns[k] * per_tile_flops[k] for b, k in visited)
+  return {
+    "bench": "eval",
+    "pairs_per_s": pairs / median_s,
+    "flops_per_s": flops / median_s,
+    "pass_s": median_s,
+    "times_s": times,
+    "compile_s": compile_s,
+    "warmup_s": warmup_s,
+    "pairs_timed": pairs,
+    "compiled_lengths": sorted(set(tile_lengths)),
+    "resident": resident,
+    "shapes": {
+      "n_img": n_img,
+      "n_cap": n_cap,
+      "img_tile": img_tile,
+      "cap_tile": cap_tile,
+      "caption_len": caption_len,
+      **dims,
+    },
+    **_lengths_record(caption_lengths, lengths),
+    **_common(head, dtype, model),
+  }
+
+
+def _host_pass(
+  score, variables, img, cap, cap_lengths, img_tile, cap_tile, buckets,
+  tile_lengths, max_tiles,
+):  # fmt: skip
+  """(run, compile seconds): `tiling.score_all` over host tiles."""
 
   def tile_shape(embedding, rows):
     return jax.tree.map(
@@ -361,40 +419,33 @@ def bench_eval(
     except _EnoughTiles:
       return  # the measured tiles are done; the rest of the matrix is skipped
 
-  warmup_s, _ = _median_time(run, 1)
-  median_s, times = _median_time(run, steps)
-  per_tile_flops = [
-    pair_flops(head, caption_len=n, **_head_dims(dims)) for n in tile_lengths
-  ]
-  columns = [min(cap_tile, n_cap - j) for j in range(0, n_cap, cap_tile)]
-  row_blocks = -(-n_img // img_tile)
-  visited = [(rows, k) for rows in range(row_blocks) for k in range(len(columns))]
-  if max_tiles:
-    visited = visited[:max_tiles]
-  rows_of = lambda b: min(img_tile, n_img - b * img_tile)
-  pairs = sum(rows_of(b) * columns[k] for b, k in visited)
-  flops = sum(rows_of(b) * columns[k] * per_tile_flops[k] for b, k in visited)
-  return {
-    "bench": "eval",
-    "pairs_per_s": pairs / median_s,
-    "flops_per_s": flops / median_s,
-    "pass_s": median_s,
-    "times_s": times,
-    "compile_s": compile_s,
-    "warmup_s": warmup_s,
-    "pairs_timed": pairs,
-    "compiled_lengths": sorted(compiled),
-    "shapes": {
-      "n_img": n_img,
-      "n_cap": n_cap,
-      "img_tile": img_tile,
-      "cap_tile": cap_tile,
-      "caption_len": caption_len,
-      **dims,
-    },
-    **_lengths_record(caption_lengths, lengths),
-    **_common(head, dtype, model),
-  }
+  return run, compile_s
+
+
+def _resident_pass(
+  model, variables, img, cap, cap_lengths, img_tile, cap_tile, buckets, static_len
+):
+  """(run, seconds of the first call): `retrieval.score_embedded` on device
+  embeddings; the first call compiles, so it holds one pass as well."""
+  from srem_jax import retrieval
+
+  mesh = Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
+  emb = retrieval.lay_out(
+    [jax.device_put(img)],
+    [jax.device_put(cap)],
+    img[0].shape[0],
+    cap_lengths,
+    np.zeros(cap[0].shape[0], np.int32),
+    mesh=mesh,
+    img_tile=img_tile,
+    cap_tile=cap_tile,
+    buckets=buckets or (static_len,),
+  )
+  # jit compiles on the first call: its time is compilation plus one pass.
+  start = time.perf_counter()
+  retrieval.score_embedded(model, variables, emb, mesh)
+  compile_s = time.perf_counter() - start
+  return lambda: retrieval.score_embedded(model, variables, emb, mesh), compile_s
 
 
 def _cap_tile_shape(cap, rows, length):
@@ -549,6 +600,12 @@ def _define_flags() -> dict:
     static=flags.DEFINE_bool(
       "static", False, "eval: pad every tile to the static length (no buckets)."
     ),
+    resident=flags.DEFINE_bool(
+      "resident",
+      False,
+      "eval: time the product's device-resident evaluation (retrieval.py) "
+      "instead of host tiles.",
+    ),
   )
 
 
@@ -595,6 +652,7 @@ def main(argv, flag_values) -> None:
       max_tiles=values["max_tiles"],
       caption_lengths=values["caption_lengths"],
       static=values["static"],
+      resident=values["resident"],
       **common,
       **model_kw,
     )

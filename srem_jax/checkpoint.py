@@ -80,37 +80,39 @@ class Checkpointer:
     self.best.wait_until_finished()
 
   def restore_latest(self, abstract_state, abstract_selection) -> Restored | None:
-    step = self.latest.latest_step()
-    if step is None:
-      return None
-    out = self.latest.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        selection=ocp.args.StandardRestore(abstract_selection),
-        data=ocp.args.JsonRestore(),
-        record=ocp.args.JsonRestore(),
-      ),
+    out = _restore_last(
+      self.latest,
+      state=ocp.args.StandardRestore(abstract_state),
+      selection=ocp.args.StandardRestore(abstract_selection),
+      data=ocp.args.JsonRestore(),
+      record=ocp.args.JsonRestore(),
     )
+    if out is None:
+      return None
     return Restored(out.state, out.data, out.selection, out.record)
 
   def restore_best(self, abstract_state) -> Restored | None:
-    step = self.best.latest_step()
-    if step is None:
-      return None
-    out = self.best.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        record=ocp.args.JsonRestore(),
-      ),
+    out = _restore_last(
+      self.best,
+      state=ocp.args.StandardRestore(abstract_state),
+      record=ocp.args.JsonRestore(),
     )
+    if out is None:
+      return None
     return Restored(out.state, None, None, out.record)
 
   def close(self) -> None:
     self.wait()
     self.latest.close()
     self.best.close()
+
+
+def _restore_last(manager, **items):
+  """The newest step of `manager` restored as `items`, or None if it holds none."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  return manager.restore(step, args=ocp.args.Composite(**items))
 
 
 def _is_step_folder(directory) -> bool:

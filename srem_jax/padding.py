@@ -11,7 +11,8 @@ beyond float32 summation order.
 `data.caption_len` > 0 asks for one static length instead: every batch is
 padded to it, one shape.
 
-    lengths = bucket_lengths(static_len=77, requested=0)  # (8, 12, ..., 48, 77)
+    static = static_length(longest=77, requested=0)  # 77 (a request < 77 raises)
+    lengths = bucket_lengths(static_len=static, requested=0)  # (8, 12, ..., 48, 77)
     padded_length(41, lengths)  # 48
 
 Also owns caption-length histograms (`read_histogram`, `draw_lengths`), the
@@ -29,6 +30,24 @@ from srem_jax.errors import UserError
 # length: dense where Flickr30K/COCO captions are (10-20 tokens), sparse in
 # the tail. With the static length this is at most 8 compiled shapes.
 BUCKETS = (8, 12, 16, 20, 24, 32, 48)
+
+
+def static_length(longest: int, requested: int = 0, where: str = "") -> int:
+  """The static padded caption length: `requested` (`data.caption_len`), or
+  `longest` (the longest caption, with <start>/<end>) when it is 0.
+
+  A request shorter than the longest caption would cut captions: UserError.
+  `where` names the split(s) the longest caption comes from, for the message.
+  """
+  if requested == 0:
+    return longest
+  if requested < longest:
+    of = f" of {where}" if where else ""
+    raise UserError(
+      f"config data.caption_len={requested} is shorter than the longest caption"
+      f"{of} ({longest} tokens with <start>/<end>); use 0 or >= {longest}"
+    )
+  return requested
 
 
 def bucket_lengths(static_len: int, requested: int = 0) -> tuple[int, ...]:

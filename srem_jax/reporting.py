@@ -23,8 +23,6 @@ from etils import epath
 
 from srem_jax import paths
 
-RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-
 
 def _jsonable(value):
   if isinstance(value, (np.generic, jax.Array)):

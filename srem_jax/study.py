@@ -35,7 +35,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import srem_jax
-from srem_jax import checkpoint, cli, evaluate, execution, plots, sharding, train
+from srem_jax import checkpoint, cli, execution, plots, selection, sharding, train
 from srem_jax.data import dataset
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import build_model
@@ -335,7 +335,7 @@ def pair_histogram_figure(path, out_dir, base, setting, seed) -> str | None:
   model = build_model(
     config.model, data.vocab_size, execution.resolve(config.execution)
   )
-  stats = evaluate.train_pair_statistics(
+  stats = selection.pair_statistics(
     model,
     variables,
     data,

@@ -22,12 +22,11 @@ from srem_jax import (
   checkpoint,
   config_checks,
   diagnostics,
-  evaluate,
   execution,
-  gmm,
   paths,
   plots,
   resident,
+  retrieval,
   sharding,
   tensorboard,
 )
@@ -35,6 +34,7 @@ from srem_jax.data import dataset, pipeline
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import SGRAF, build_model
 from srem_jax.reporting import Progress, Reporter, recall_table
+from srem_jax.selection import gmm_selection
 from srem_jax.step import (  # noqa: F401  (part of train's interface)
   PAIRS,
   TrainState,
@@ -67,23 +67,6 @@ class _StopFlag:
 
   def _handle(self, signum, frame):
     self.signal_name = signal.Signals(signum).name
-
-
-def _gmm_selection(config, model, state, data, mesh) -> np.ndarray:
-  """Epoch-level clean mask per caption from a statistics pass (SPEC §3)."""
-  loss_cfg = config.loss
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  stats = evaluate.train_pair_statistics(
-    model, variables, data, config, mesh, tau=loss_cfg.tau, temp=loss_cfg.energy_temp
-  )
-  return gmm.gmm_clean_mask(
-    stats["ce"],
-    stats["energy"],
-    iters=loss_cfg.gmm_iters,
-    tol=loss_cfg.gmm_tol,
-    reg=loss_cfg.gmm_reg,
-    min_noisy=loss_cfg.gmm_min_noisy,
-  )
 
 
 @dataclasses.dataclass
@@ -258,7 +241,7 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
         return state
     summary = diagnostics.epoch_summary(sums)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    val = evaluate.evaluate_split(
+    val = retrieval.evaluate(
       run.model,
       variables,
       run.data.val,
@@ -289,7 +272,9 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
       f"{summary['selection_precision']:.3f} recall {summary['selection_recall']:.3f}"
     )
     if use_gmm and epoch + 1 >= tcfg.warmup_epochs and step < run.total_steps:
-      selection = _gmm_selection(config, run.model, state, run.data, run.mesh)
+      selection = gmm_selection(
+        config, run.model, state, run.data, run.mesh, run.features
+      )
     ckpt.save_latest(step, state, run.loader.get_state(), selection, record)
   return state
 
@@ -300,7 +285,7 @@ def _final_test(run: _Run, state, record) -> dict:
   best = run.ckpt.restore_best(state)
   final = best.state if best is not None else state
   variables = {"params": final.params, "batch_stats": final.batch_stats}
-  test = evaluate.evaluate_split(
+  test = retrieval.evaluate(
     run.model,
     variables,
     data.test,

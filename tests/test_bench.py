@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from srem_jax import bench
+from srem_jax.errors import UserError
 
 PAPER_HEAD = dict(
   num_regions=36, caption_len=15, embed_dim=1024, sim_dim=256, sgr_steps=3
@@ -102,3 +103,12 @@ def test_benches_draw_caption_lengths_from_a_histogram(tmp_path):
   assert evaluation["compiled_lengths"] == [8, 30]
   static = bench.bench_eval(head="sgr", n_img=3, n_cap=40, static=True, **kw)
   assert static["compiled_lengths"] == [30]
+
+
+def test_eval_bench_times_the_resident_evaluation_over_every_pair():
+  kw = dict(caption_len=5, steps=1, dims=bench.TINY_DIMS, img_tile=2, cap_tile=2)
+  result = bench.bench_eval(head="sgr", n_img=3, n_cap=5, resident=True, **kw)
+  assert result["resident"] and result["pairs_timed"] == 15
+  assert _finite_positive(result["pairs_per_s"])
+  with pytest.raises(UserError, match="max_tiles"):
+    bench.bench_eval(head="sgr", n_img=3, n_cap=5, resident=True, max_tiles=1, **kw)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srem_jax import checkpoint, evaluate, losses, train
+from srem_jax import checkpoint, evaluate, losses, retrieval, train
 from srem_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +110,7 @@ def test_outputs_of_a_run(full_run):
         assert mean == pytest.approx(train_record[f"{key}_{group}"], rel=1e-4)
   check_events(workdir, records, truth)
   # Validation of epoch 2 and the final test reused epoch 1's compiled functions.
-  assert evaluate._eval_functions.cache_info().hits >= 2
+  assert retrieval._eval_functions.cache_info().hits >= 2
 
 
 def check_events(workdir, records, last_truth):

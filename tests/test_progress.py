@@ -9,7 +9,7 @@ import pytest
 import rawdata
 from test_main import tiny_config
 
-from srem_jax import evaluate, sharding
+from srem_jax import retrieval, selection, sharding
 from srem_jax.data import dataset, prepare
 from srem_jax.models.sgraf import build_model
 from srem_jax.reporting import PassProgress
@@ -156,7 +156,7 @@ def test_all_pairs_scoring_reports_tiles_pairs_per_second_and_eta(
   config = config.copy_and_resolve_references()
   config.progress.enabled = enabled
   split = data.test  # 10 images x 50 captions; tiles of 8 x 16
-  sims, _ = evaluate.similarity_matrix(
+  sims, _ = retrieval.similarity_matrix(
     model, variables, split, config, mesh, data.caption_len, split.n_images
   )
   assert sims.shape == (10, 50)
@@ -175,7 +175,7 @@ def test_all_pairs_scoring_reports_tiles_pairs_per_second_and_eta(
 
 def test_selection_pass_reports_batches_and_eta(run_setup, capsys):
   config, data, model, variables, mesh = run_setup
-  stats = evaluate.train_pair_statistics(
+  stats = selection.pair_statistics(
     model, variables, data, config, mesh, tau=0.05, temp=1.0
   )
   assert stats["ce"].shape == (data.train.n_captions,)

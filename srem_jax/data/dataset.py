@@ -117,13 +117,9 @@ def open_data(config, workdir: str, log: Callable[[str], None] = print) -> RunDa
       f"config model.img_dim={config.model.img_dim} but the features of "
       f"{data_cfg.name} have width {train.feature_dim}"
     )
-  longest = max(s.max_caption_len for s in (train, val, test))
-  caption_len = data_cfg.caption_len or longest
-  if caption_len < longest:
-    raise UserError(
-      f"config data.caption_len={caption_len} is shorter than the longest "
-      f"caption ({longest} tokens with <start>/<end>); use 0 or >= {longest}"
-    )
+  caption_len = padding.static_length(
+    max(s.max_caption_len for s in (train, val, test)), data_cfg.caption_len
+  )
   n_val = data_cfg.val_images or val.n_images
   if n_val > val.n_images:
     raise UserError(

@@ -156,16 +156,8 @@ def load_prepared(prepared_dir: str, name: str, split: str) -> PreparedSplit:
 
 
 def caption_length(split: PreparedSplit, requested: int) -> int:
-  """The static padded caption length: `requested`, or the longest if 0."""
-  if requested == 0:
-    return split.max_caption_len
-  if requested < split.max_caption_len:
-    raise UserError(
-      f"config data.caption_len={requested} is shorter than the longest caption "
-      f"of {split.split} ({split.max_caption_len} tokens with <start>/<end>); "
-      f"use 0 or >= {split.max_caption_len}"
-    )
-  return requested
+  """The static padded caption length of `split` (`padding.static_length`)."""
+  return padding.static_length(split.max_caption_len, requested, split.split)
 
 
 def _process_slice(batch_size, process_index, process_count) -> tuple[int, int]:
@@ -469,10 +461,13 @@ def pair_batches(
   process_index: int | None = None,
   process_count: int | None = None,
   buckets: tuple[int, ...] | None = None,
+  with_images: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Every training pair once in a seeded order, like `train_loader` plus mask.
 
-  `clean` defaults to `t2i == split.cap_to_img`; `buckets` as in `train_loader`.
+  `clean` defaults to `t2i == split.cap_to_img`; `buckets` and `with_images`
+  (False: image indices only, for features kept on the devices) as in
+  `train_loader`.
   """
   t2i, clean = _check_noise(split, t2i, clean)
   buckets = _buckets(split, caption_len, buckets)
@@ -484,5 +479,5 @@ def pair_batches(
     _padded_chunks(order, batch_size, process_index, process_count),
   ):
     whole = order[start : start + batch_size]
-    batch = _pair_batch(split, t2i, clean, rows, buckets, global_index=whole)
+    batch = _pair_batch(split, t2i, clean, rows, buckets, with_images, whole)
     yield {**batch, "mask": mask}

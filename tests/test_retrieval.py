@@ -1,0 +1,197 @@
+"""Evaluation and the selection pass on the devices equal the host-fed reference.
+
+The references below are the plain formulations: every encoder batch pulled
+to the host, every (image tile, caption tile) pair uploaded and scored by its
+own jitted call (`tiling.score_all`), every selection batch's statistics
+fetched on its own. The device versions run under
+`jax.transfer_guard("disallow")`, so any implicit host<->device copy fails.
+"""
+
+import types
+
+import jax
+import numpy as np
+import pytest
+from test_main import tiny_config
+
+from srem_jax import gmm, padding, resident, retrieval, selection, sharding
+from srem_jax.data import dataset, pipeline
+from srem_jax.losses import per_sample_stats
+from srem_jax.models import tiling
+from srem_jax.models.sgraf import SGRAF, CaptionEmbedding, ImageEmbedding, build_model
+
+
+def _round_up(n, k):
+  return -(-n // k) * k
+
+
+def reference_matrix(model, variables, split, config, mesh, caption_len, n):
+  """Host embeddings, one upload and one jitted call per tile pair."""
+  rows, full = sharding.data_sharding(mesh), sharding.replicated(mesh)
+  batch_size = _round_up(config.eval.batch_size, mesh.size)
+  enc_img = jax.jit(
+    lambda v, x: model.apply(v, x, train=False, method=SGRAF.encode_images)
+  )
+  enc_cap = jax.jit(
+    lambda v, t, n: model.apply(v, t, n, train=False, method=SGRAF.encode_captions)
+  )
+  parts = []
+  for batch in pipeline.image_batches(split, batch_size, num_images=n):
+    gb = sharding.global_batch(batch, mesh)
+    emb = jax.device_get(enc_img(variables, gb["images"]))
+    parts.append([x[batch["mask"]] for x in emb])
+  img = ImageEmbedding(*(np.concatenate(x) for x in zip(*parts)))
+  parts, owners = [], []
+  for batch in pipeline.caption_batches(split, batch_size, caption_len, num_images=n):
+    gb = sharding.global_batch(batch, mesh)
+    emb = jax.device_get(enc_cap(variables, gb["tokens"], gb["lengths"]))
+    parts.append([x[batch["mask"]] for x in emb])
+    owners.append(batch["img_index"][batch["mask"]])
+  cap = CaptionEmbedding(*(np.concatenate(x) for x in zip(*parts)))
+  score = jax.jit(
+    lambda v, i, c: model.apply(v, i, c, train=False, method=SGRAF.score),
+    in_shardings=(full, rows, full),
+    out_shardings=full,
+  )
+  img_tile = min(
+    _round_up(config.execution.img_tile, mesh.size), _round_up(n, mesh.size)
+  )
+  buckets = padding.bucket_lengths(caption_len, config.data.caption_len)
+  sims = tiling.score_all(
+    lambda i, c: score(variables, jax.device_put(i, rows), jax.device_put(c, full)),
+    img,
+    cap,
+    img_tile=img_tile,
+    cap_tile=config.execution.cap_tile,
+    cap_lengths=cap.mask.sum(axis=1),
+    buckets=buckets if len(buckets) > 1 else None,
+  )
+  return sims, np.concatenate(owners)
+
+
+def reference_statistics(model, variables, data, config, mesh, tau, temp):
+  """Per-batch statistics, each batch's result fetched as it comes."""
+  stats = jax.jit(
+    lambda v, b: per_sample_stats(
+      model.apply(v, b["images"], b["tokens"], b["lengths"], train=False),
+      tau,
+      temp,
+      valid=b["mask"],
+    )
+  )
+  out = {
+    key: np.zeros(data.train.n_captions, np.float32) for key in selection.STATISTICS
+  }
+  batch_size = _round_up(config.train.batch_size, mesh.size)
+  for batch in pipeline.pair_batches(
+    data.train, data.noise.t2i, batch_size, data.caption_len,
+    seed=config.train.seed, buckets=data.buckets,
+  ):  # fmt: skip
+    values = jax.device_get(stats(variables, sharding.global_batch(batch, mesh)))
+    keep = batch["mask"]
+    for key, column in out.items():
+      column[batch["cap_index"][keep]] = values[key][keep]
+  return out
+
+
+@pytest.fixture(scope="module", params=[0, 50], ids=["buckets", "static"])
+def setup(request, tmp_path_factory):
+  """Long-tailed captions (several buckets, or one static length), 8 devices."""
+  config = tiny_config(tmp_path_factory.mktemp("data"))
+  config.data.synthetic.long_captions = True
+  config.data.caption_len = request.param
+  config.mesh.data = -1
+  config.progress.enabled = False
+  data = dataset.open_data(config, str(tmp_path_factory.mktemp("run")), log=print)
+  model = build_model(config.model, data.vocab_size)
+  mesh = sharding.make_mesh(-1)
+  assert mesh.size == 8
+  variables = model.init(
+    {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+    np.zeros((2, data.train.num_regions, data.train.feature_dim), np.float32),
+    np.ones((2, data.caption_len), np.int32),
+    np.full((2,), 3, np.int32),
+    train=False,
+  )
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  return config, data, model, variables, mesh
+
+
+@pytest.mark.parametrize("num_images", [10, 9])
+def test_device_matrix_equals_the_host_tiled_reference(setup, num_images):
+  config, data, model, variables, mesh = setup
+  split = data.test  # 10 images x 50 captions: 2 image blocks x 4 caption tiles
+  expected, owners = reference_matrix(
+    model, variables, split, config, mesh, data.caption_len, num_images
+  )
+  if config.data.caption_len == 0:  # several buckets, so tiles really differ
+    lengths = [n for _, n in tiling.caption_tiles(
+      np.array([len(t) for t in split.caption_tokens(np.flatnonzero(
+        split.cap_to_img < num_images))]), 16, data.buckets)]  # fmt: skip
+    assert len(set(lengths)) > 1, lengths
+  with jax.transfer_guard("disallow"):
+    result, sims, cap_to_img = retrieval.evaluate(
+      model, variables, split, config, mesh, data.caption_len, num_images,
+      return_matrix=True,
+    )  # fmt: skip
+  np.testing.assert_array_equal(cap_to_img, owners)
+  assert sims.shape == expected.shape == (num_images, 5 * num_images)
+  # Each pair is scored by the same per-tile program: the same summation order.
+  np.testing.assert_array_equal(sims, expected)
+  assert result == retrieval.rank_metrics(expected, owners)
+
+
+def test_the_same_embeddings_serve_every_epoch_without_recompiling(setup):
+  config, data, model, variables, mesh = setup
+  args = (model, variables, data.val, config, mesh, data.caption_len, 10)
+  first = retrieval.evaluate(*args)
+  misses = retrieval._eval_functions(model, mesh).score_block._cache_size()
+  with jax.transfer_guard("disallow"):
+    assert retrieval.evaluate(*args) == first
+  assert retrieval._eval_functions(model, mesh).score_block._cache_size() == misses
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "resident"])
+def test_selection_statistics_equal_the_per_batch_reference(setup, on_device):
+  config, data, model, variables, mesh = setup
+  expected = reference_statistics(model, variables, data, config, mesh, 0.05, 1.0)
+  features = None
+  if on_device:
+    features = resident.resident_features(data.train, mesh, "float32", print)
+  with jax.transfer_guard("disallow"):
+    stats = selection.pair_statistics(
+      model, variables, data, config, mesh, tau=0.05, temp=1.0, features=features
+    )
+  assert set(stats) == set(expected)
+  for key in expected:
+    # The batch and its program are the reference's: bit for bit.
+    np.testing.assert_array_equal(stats[key], expected[key], err_msg=key)
+  assert np.all(stats["ce"] > 0)  # every caption was written
+
+
+def test_gmm_selection_splits_the_statistics_pass(setup):
+  config, data, model, variables, mesh = setup
+  state = types.SimpleNamespace(**variables)
+  expected = reference_statistics(
+    model, variables, data, config, mesh, config.loss.tau, config.loss.energy_temp
+  )
+  loss = config.loss
+  clean = gmm.gmm_clean_mask(
+    expected["ce"], expected["energy"], iters=loss.gmm_iters, tol=loss.gmm_tol,
+    reg=loss.gmm_reg, min_noisy=loss.gmm_min_noisy,
+  )  # fmt: skip
+  with jax.transfer_guard("disallow"):
+    got = selection.gmm_selection(config, model, state, data, mesh)
+  np.testing.assert_array_equal(got, clean)
+
+
+def test_a_prefetch_error_surfaces_in_the_consumer():
+  def items():
+    yield 1
+    raise RuntimeError("bad batch")
+
+  seen = []
+  with pytest.raises(RuntimeError, match="bad batch"):
+    for item, made in selection._Prefetch(items(), lambda x: x * 10):
+      seen.append(made)
+  assert seen == [10]
