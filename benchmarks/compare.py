@@ -8,6 +8,9 @@ ratios of the medians. Every run is its own process; the JSON lines of all of
 them go to `--out`. With `--caption_lengths` (a histogram file) every
 measurement is made twice, at the fixed length and with lengths drawn from
 the file (both programs draw the same ones), and both ratios are printed.
+Our evaluation is the product's (`bench eval --resident`: device-resident
+embeddings, `srem_jax/retrieval.py`); `--plain` adds a float32 run of the head
+without length groups (`--length_group=0`) beside the default one.
 
     python benchmarks/compare.py --rounds=2 --steps=3 --out=compare.jsonl
     python benchmarks/compare.py --rounds=1 --steps=2 \
@@ -52,19 +55,28 @@ def main(argv=None) -> None:
   parser.add_argument(
     "--dtypes", default="float32,bfloat16", help="Our dtypes to measure."
   )
+  parser.add_argument(
+    "--plain",
+    action="store_true",
+    help="Also measure float32 without length groups (--length_group=0).",
+  )
   args = parser.parse_args(argv)
   lengths = [("fixed", [])]
   if args.caption_lengths:
     path = str(Path(args.caption_lengths).resolve())
     lengths.append(("real", [f"--caption_lengths={path}"]))
   dtypes = args.dtypes.split(",")
+  variants = [(dtype, [f"--dtype={dtype}"]) for dtype in dtypes]
+  if args.plain:
+    variants.append(("plain", ["--dtype=float32", "--length_group=0"]))
   rates: dict[tuple, list[float]] = {}
   with open(args.out, "a") as out:
     for round_ in range(args.rounds):
       for bench in args.benches.split(","):
         for label, extra in lengths:
+          resident = ["--resident"] if bench == "eval" else []
           runs = [("reference", REFERENCE + [bench])] + [
-            (dtype, OURS + [bench, f"--dtype={dtype}"]) for dtype in dtypes
+            (name, OURS + [bench, *flags, *resident]) for name, flags in variants
           ]
           for name, command in runs[:: 1 if round_ % 2 == 0 else -1]:
             result = _run(command + [f"--steps={args.steps}"] + extra)
@@ -83,11 +95,11 @@ def main(argv=None) -> None:
     for label, _ in lengths:
       reference = statistics.median(rates[(bench, label, "reference")])
       print(f"{bench:10s} {label:5s} reference {reference:9,.0f} pairs/s")
-      for dtype in dtypes:
-        ours = statistics.median(rates[(bench, label, dtype)])
-        target = TARGETS[(bench, dtype)]
+      for name, _ in variants:
+        ours = statistics.median(rates[(bench, label, name)])
+        target = TARGETS[(bench, "float32" if name == "plain" else name)]
         print(
-          f"{bench:10s} {label:5s} {dtype:9s} {ours:9,.0f} pairs/s  "
+          f"{bench:10s} {label:5s} {name:9s} {ours:9,.0f} pairs/s  "
           f"{ours / reference:.2f}x (target {target:.1f}x)"
         )
 
