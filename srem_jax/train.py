@@ -32,7 +32,6 @@ from srem_jax import (
   tensorboard,
 )
 from srem_jax.data import dataset, pipeline
-from srem_jax.errors import UserError
 from srem_jax.models.sgraf import SGRAF, build_model
 from srem_jax.reporting import Progress, Reporter, recall_table
 from srem_jax.step import (  # noqa: F401  (part of train's interface)
@@ -110,7 +109,7 @@ class _Run:
 
 def _open_run(config, workdir: str) -> _Run:
   config_checks.validate(config, jax.device_count())
-  on_device = resident.features_on_device(config)
+  on_device = config.data.features_on_device
   mesh = sharding.make_mesh(config.mesh.data)
   report = Reporter(workdir)
   report.log(f"workdir: {paths.absolute(workdir)}")
@@ -136,11 +135,6 @@ def _open_run(config, workdir: str) -> _Run:
     with_images=not on_device,
     buckets=data.buckets,
   )
-  if loader.steps_per_epoch < 1:
-    raise UserError(
-      f"config train.batch_size={tcfg.batch_size} exceeds the "
-      f"{data.train.n_captions} training captions"
-    )
   features = None
   if on_device:
     features = resident.resident_features(
