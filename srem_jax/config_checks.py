@@ -46,6 +46,8 @@ _RANGES = {
   "data.num_workers": (0, math.inf, True, True),
   "eval.batch_size": (1, math.inf, True, True),
   "progress.delay_s": (0.0, math.inf, True, True),
+  "profile.start_step": (0, math.inf, True, True),
+  "profile.num_steps": (0, math.inf, True, True),
 }
 _BOOLEANS = ("data.features_on_device",)
 
