@@ -25,7 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.val_images = 1000  # validate on the first N images of val_split (0 = all)
   c.data.test_split = "test"  # split tested at the end (COCO: testall)
   c.data.eval_protocol = "full"  # full | coco (5 folds of 1K and the whole 5K)
-  c.data.caption_len = 0  # static padded length; 0 = length buckets (srem_jax/padding.py)
+  c.data.caption_len = (
+    0  # static padded length; 0 = length buckets (srem_jax/padding.py)
+  )
   c.data.num_workers = 0  # grain worker processes for training (0 = in process)
   c.data.features_on_device = False  # keep training image features in device memory (model.dtype) and gather batches by index in the step
   # The embedded synthetic dataset (SPEC §7), generated into raw_dir when enabled.
@@ -93,6 +95,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.steps_per_epoch = 0  # cap on steps per epoch, for smoke tests (0 = full pass)
   c.train.checkpoint_every_steps = 0  # extra mid-epoch checkpoints (0 = per epoch only)
 
+  # ---- profiler trace of a few training steps, into <workdir>/profile ------
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 10  # first traced step (after compilation)
+  c.profile.num_steps = 0  # steps traced (0 = no trace); view in TensorBoard/XProf
+
   # ---- evaluation (SPEC §5) ------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256  # examples per encoder batch
@@ -100,8 +107,12 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- execution: how the work is cut up for the hardware (srem_jax/execution.py)
   # Sizes left at 0 / "" come from the preset; none of them changes the result.
   c.execution = ml_collections.ConfigDict()
-  c.execution.preset = "auto"  # auto (from the backend) | cpu | gpu (H200-class) | tpu (16 GB)
-  c.execution.matmul_precision = "highest"  # highest (exact fp32) | high | default (TF32 / 1-pass bf16)
+  c.execution.preset = (
+    "auto"  # auto (from the backend) | cpu | gpu (H200-class) | tpu (16 GB)
+  )
+  c.execution.matmul_precision = (
+    "highest"  # highest (exact fp32) | high | default (TF32 / 1-pass bf16)
+  )
   c.execution.img_chunk = 0  # images per device per scan step, training SGR
   c.execution.cap_chunk = 0  # captions per scan step: scoring, SAF training
   c.execution.remat = ""  # what a scan step keeps for backward: none | full | dots

@@ -1,14 +1,18 @@
 """Start-up validation of a whole config, before any work or any write.
 
-Every message names the key, the value found and what is allowed, so a
-mistake costs one line instead of a crash an hour into a run.
+Every rule on a config value lives here; the code that reads a value relies
+on it. Every message names the key, the value found and what is allowed, so a
+mistake costs one line instead of a crash an hour into a run. `validate`
+checks the config alone; `validate_data` the fields that depend on the
+prepared data, once it is opened.
 
-    config_checks.validate(config)   # raises UserError
+    config_checks.validate(config, jax.device_count())
+    config_checks.validate_data(config, train=..., val=..., test=...)
 """
 
 import math
 
-from srem_jax import execution, losses
+from srem_jax import execution, losses, padding
 from srem_jax.errors import UserError
 
 _CHOICES = {
@@ -42,7 +46,10 @@ _RANGES = {
   "data.num_workers": (0, math.inf, True, True),
   "eval.batch_size": (1, math.inf, True, True),
   "progress.delay_s": (0.0, math.inf, True, True),
+  "profile.start_step": (0, math.inf, True, True),
+  "profile.num_steps": (0, math.inf, True, True),
 }
+_BOOLEANS = ("data.features_on_device",)
 
 
 def _get(config, key):
@@ -54,6 +61,8 @@ def _get(config, key):
 
 def validate(config, num_devices: int | None = None) -> None:
   """Raises UserError for the first invalid field found."""
+  for key in _BOOLEANS:
+    check_boolean(config, key)
   for key, allowed in _CHOICES.items():
     value = _get(config, key)
     if value not in allowed:
@@ -70,7 +79,7 @@ def validate(config, num_devices: int | None = None) -> None:
       lo = "[" if low_ok else "("
       hi = "]" if high_ok else ")"
       raise UserError(f"config {key}={value!r}: must be in {lo}{low}, {high}{hi}")
-  losses.validate_loss_config(config.loss)
+  validate_loss(config.loss)
   execution.resolve(config.execution)  # raises for a bad preset, size or precision
   if config.train.warmup_epochs > config.train.epochs:
     raise UserError(
@@ -91,3 +100,77 @@ def validate(config, num_devices: int | None = None) -> None:
         f"config train.batch_size={config.train.batch_size} must be divisible by "
         f"the {devices} devices of the data axis"
       )
+
+
+def check_boolean(config, key: str) -> bool:
+  value = _get(config, key)
+  if not isinstance(value, bool):
+    raise UserError(f"config {key}={value!r}: must be True or False")
+  return value
+
+
+def validate_data(config, *, train, val, test) -> None:
+  """The fields that must fit the prepared splits (`PreparedSplit`s) opened."""
+  if train.feature_dim != config.model.img_dim:
+    raise UserError(
+      f"config model.img_dim={config.model.img_dim} but the features of "
+      f"{config.data.name} have width {train.feature_dim}"
+    )
+  longest = max(s.max_caption_len for s in (train, val, test))
+  padding.static_length(longest, config.data.caption_len)
+  n_val = config.data.val_images or val.n_images
+  if n_val > val.n_images:
+    raise UserError(
+      f"config data.val_images={n_val} but split {config.data.val_split!r} has "
+      f"only {val.n_images} images"
+    )
+  if config.train.batch_size > train.n_captions:
+    raise UserError(
+      f"config train.batch_size={config.train.batch_size} exceeds the "
+      f"{train.n_captions} training captions"
+    )
+
+
+def _number(loss_cfg, field, accept, expected):
+  if field not in loss_cfg:
+    raise UserError(f"loss.{field}: missing from the config")
+  value = loss_cfg[field]
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not (is_number and math.isfinite(value) and accept(value)):
+    raise UserError(f"loss.{field}: expected {expected}, got {value!r}")
+  return value
+
+
+def validate_loss(loss_cfg) -> None:
+  """Raises UserError naming `loss.<field>` for the first bad value in `loss_cfg`."""
+  choices = {
+    "name": losses.LOSS_NAMES,
+    "selection": losses.SELECTIONS,
+    "bias": losses.BIASES,
+  }
+  for field, allowed in choices.items():
+    value = loss_cfg[field] if field in loss_cfg else None
+    if value not in allowed:
+      raise UserError(
+        f"loss.{field}: expected one of {', '.join(allowed)}, got {value!r}"
+      )
+  for field in ("use_filtration", "use_entropy_weight", "use_cmbcl"):
+    value = loss_cfg[field] if field in loss_cfg else None
+    if not isinstance(value, bool):
+      raise UserError(f"loss.{field}: expected True or False, got {value!r}")
+  _number(loss_cfg, "tau", lambda v: v > 0, "a number > 0")
+  _number(loss_cfg, "energy_temp", lambda v: v > 0, "a number > 0")
+  _number(loss_cfg, "margin", lambda v: v >= 0, "a number >= 0")
+  _number(loss_cfg, "clean_quantile", lambda v: 0 < v <= 1, "a number in (0, 1]")
+  _number(loss_cfg, "beta", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+  _number(loss_cfg, "cmbcl_weight", lambda v: v >= 0, "a number >= 0")
+  _number(loss_cfg, "eps", lambda v: 0 <= v < 1, "a number in [0, 1)")
+  _number(
+    loss_cfg,
+    "gmm_iters",
+    lambda v: isinstance(v, int) and v >= 1,
+    "an integer >= 1",
+  )
+  _number(loss_cfg, "gmm_tol", lambda v: v >= 0, "a number >= 0")
+  _number(loss_cfg, "gmm_reg", lambda v: v > 0, "a number > 0")
+  _number(loss_cfg, "gmm_min_noisy", lambda v: 0 <= v < 1, "a number in [0, 1)")

@@ -3,19 +3,15 @@
 `S` is a (K, K) array of similarities in (0, 1) with `S[i, j] = s(image_i,
 caption_j)`; the diagonal holds the given, possibly mismatched, pairs. Every
 function here is pure `jax.numpy`, jit-able and takes plain numbers, never a
-config object; `objective` combines them the way `config.loss` selects, and
-`validate_loss_config` checks that section once at start-up.
+config object; `objective` combines them the way `config.loss` selects
+(`srem_jax.config_checks` checks that section once at start-up).
 
     loss, aux = objective(S, name="srem", tau=0.05, beta=0.5)
     grads = jax.grad(lambda s: objective(s)[0])(S)
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
-
-from srem_jax.errors import UserError
 
 LOSS_NAMES = ("srem", "triplet_hardest", "ccl")
 SELECTIONS = ("batch", "epoch_gmm")
@@ -276,44 +272,3 @@ def objective(
     "weight": weight,
   }
   return loss, aux
-
-
-def _number(loss_cfg, field, accept, expected):
-  if field not in loss_cfg:
-    raise UserError(f"loss.{field}: missing from the config")
-  value = loss_cfg[field]
-  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-  if not (is_number and math.isfinite(value) and accept(value)):
-    raise UserError(f"loss.{field}: expected {expected}, got {value!r}")
-  return value
-
-
-def validate_loss_config(loss_cfg):
-  """Raises UserError naming `loss.<field>` for the first bad value in `loss_cfg`."""
-  choices = {"name": LOSS_NAMES, "selection": SELECTIONS, "bias": BIASES}
-  for field, allowed in choices.items():
-    value = loss_cfg[field] if field in loss_cfg else None
-    if value not in allowed:
-      raise UserError(
-        f"loss.{field}: expected one of {', '.join(allowed)}, got {value!r}"
-      )
-  for field in ("use_filtration", "use_entropy_weight", "use_cmbcl"):
-    value = loss_cfg[field] if field in loss_cfg else None
-    if not isinstance(value, bool):
-      raise UserError(f"loss.{field}: expected True or False, got {value!r}")
-  _number(loss_cfg, "tau", lambda v: v > 0, "a number > 0")
-  _number(loss_cfg, "energy_temp", lambda v: v > 0, "a number > 0")
-  _number(loss_cfg, "margin", lambda v: v >= 0, "a number >= 0")
-  _number(loss_cfg, "clean_quantile", lambda v: 0 < v <= 1, "a number in (0, 1]")
-  _number(loss_cfg, "beta", lambda v: 0 <= v <= 1, "a number in [0, 1]")
-  _number(loss_cfg, "cmbcl_weight", lambda v: v >= 0, "a number >= 0")
-  _number(loss_cfg, "eps", lambda v: 0 <= v < 1, "a number in [0, 1)")
-  _number(
-    loss_cfg,
-    "gmm_iters",
-    lambda v: isinstance(v, int) and v >= 1,
-    "an integer >= 1",
-  )
-  _number(loss_cfg, "gmm_tol", lambda v: v >= 0, "a number >= 0")
-  _number(loss_cfg, "gmm_reg", lambda v: v > 0, "a number > 0")
-  _number(loss_cfg, "gmm_min_noisy", lambda v: 0 <= v < 1, "a number in [0, 1)")

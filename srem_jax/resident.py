@@ -18,13 +18,6 @@ from srem_jax.errors import UserError
 from srem_jax.models.sgraf import DTYPES
 
 
-def features_on_device(config) -> bool:
-  value = config.data.features_on_device
-  if not isinstance(value, bool):
-    raise UserError(f"config data.features_on_device={value!r}: must be True or False")
-  return value
-
-
 def resident_features(split, mesh, model_dtype: str, log=print) -> jax.Array:
   """Every image of `split` in one device array, replicated over `mesh`.
 

@@ -19,6 +19,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -175,6 +176,23 @@ def loss_options(loss_cfg) -> dict:
 
 
 PAIRS = "pairs"
+# The metrics the loop sums over an epoch's steps (`steps` counts them).
+SUMMED = (
+  "loss loss_clean loss_cmbcl clean_frac grad_norm n selected selected_true "
+  "true_clean energy_clean energy_noisy entropy_clean entropy_noisy steps"
+).split()
+
+
+def zero_sums(mesh) -> dict:
+  """Replicated float32 zeros for each of `SUMMED`: the sums of no step."""
+  zeros = {key: np.zeros((), np.float32) for key in SUMMED}
+  return jax.device_put(zeros, sharding.replicated(mesh))
+
+
+def add_to_sums(sums: dict, metrics: dict) -> dict:
+  """`sums` plus one step's scalar `metrics` (without `PAIRS`) and one step."""
+  metrics = {**metrics, "steps": jnp.ones((), jnp.float32)}
+  return jax.tree.map(lambda s, m: s + m.astype(s.dtype), sums, metrics)
 
 
 def train_step(state, batch, clean, features=None, *, model, tx, loss_kw, warmup, mesh):
@@ -220,6 +238,7 @@ def make_train_step(
   warmup: bool,
   external_clean: bool,
   features_on_device: bool = False,
+  summed: bool = False,
 ):
   """jit of `train_step`: `(state, batch)`, or `(state, batch, features)`.
 
@@ -227,6 +246,11 @@ def make_train_step(
   copied into the executable nor donated with the state. Every output is
   replicated, the per-pair values too (a few bytes per pair), so process 0
   reads all of them without a collective of its own.
+
+  With `summed`, the first argument and output is `(state, sums)` instead of
+  `state`, the step adds its metrics to `sums` (see `zero_sums`) and returns
+  only `metrics[PAIRS]` beside it: the loop then runs no operation of its own
+  per step and reads the sums when it logs. Both are donated.
   """
   step = functools.partial(
     train_step, model=model, tx=tx, loss_kw=loss_kw, warmup=warmup, mesh=mesh
@@ -235,8 +259,20 @@ def make_train_step(
   def clean(batch):
     return batch["selected"] if external_clean else None
 
+  def fn(state, batch, *features):
+    return step(state, batch, clean(batch), *features)
+
+  if summed:
+    plain = fn
+
+    def fn(carry, batch, *features):
+      state, sums = carry
+      state, metrics = plain(state, batch, *features)
+      pairs = metrics.pop(PAIRS)
+      return (state, add_to_sums(sums, metrics)), pairs
+
   if features_on_device:
-    fn = lambda state, batch, features: step(state, batch, clean(batch), features)
+    jitted = lambda state, batch, features: fn(state, batch, features)
   else:
-    fn = lambda state, batch: step(state, batch, clean(batch))
-  return jax.jit(fn, out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
+    jitted = lambda state, batch: fn(state, batch)
+  return jax.jit(jitted, out_shardings=sharding.replicated(mesh), donate_argnums=(0,))

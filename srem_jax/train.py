@@ -13,7 +13,6 @@ import signal
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
@@ -31,7 +30,6 @@ from srem_jax import (
   tensorboard,
 )
 from srem_jax.data import dataset, pipeline
-from srem_jax.errors import UserError
 from srem_jax.models.sgraf import SGRAF, build_model
 from srem_jax.reporting import Progress, Reporter, recall_table
 from srem_jax.selection import gmm_selection
@@ -44,6 +42,7 @@ from srem_jax.step import (  # noqa: F401  (part of train's interface)
   make_optimizer,
   make_train_step,
   train_step,
+  zero_sums,
 )
 
 # ---- the loop ---------------------------------------------------------------
@@ -93,7 +92,7 @@ class _Run:
 
 def _open_run(config, workdir: str) -> _Run:
   config_checks.validate(config, jax.device_count())
-  on_device = resident.features_on_device(config)
+  on_device = config.data.features_on_device
   mesh = sharding.make_mesh(config.mesh.data)
   report = Reporter(workdir)
   report.log(f"workdir: {paths.absolute(workdir)}")
@@ -119,11 +118,6 @@ def _open_run(config, workdir: str) -> _Run:
     with_images=not on_device,
     buckets=data.buckets,
   )
-  if loader.steps_per_epoch < 1:
-    raise UserError(
-      f"config train.batch_size={tcfg.batch_size} exceeds the "
-      f"{data.train.n_captions} training captions"
-    )
   features = None
   if on_device:
     features = resident.resident_features(
@@ -180,103 +174,180 @@ def _initial_state(run: _Run):
   return state, selection, record
 
 
+class _Trace:
+  """A profiler trace of steps [start_step, start_step + num_steps) (config.profile)."""
+
+  def __init__(self, profile_cfg, workdir: str, log):
+    self.start = profile_cfg.start_step
+    self.stop = self.start + profile_cfg.num_steps if profile_cfg.num_steps else -1
+    self.dir = str(paths.as_path(workdir) / "profile")
+    self.log = log
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if step == self.start and self.stop > step:
+      jax.profiler.start_trace(self.dir)
+      self.active = True
+
+  def after(self, done: int, carry) -> None:
+    if self.active and done == self.stop:
+      self.close(carry)
+
+  def close(self, carry) -> None:
+    if self.active:
+      jax.block_until_ready(carry)  # the traced steps' device work, complete
+      jax.profiler.stop_trace()
+      self.active = False
+      self.log(f"profile of steps {self.start}..{self.stop - 1} in {self.dir}")
+
+
+def _data_state(run: _Run, next_step: int) -> dict:
+  # The loader reads ahead of the step (`PREFETCH`); a batch is a function of
+  # its step number, so the state to resume from is that of the next step.
+  return {**run.loader.get_state(), "next_step": next_step}
+
+
+# Global batches in flight to the devices while a step runs.
+PREFETCH = 2
+
+
 def _train(run: _Run, state, selection, record, stop: _StopFlag):
-  """Epochs until the end (or a stop signal); returns the final state."""
+  """The step loop with its periodic actions; returns the final state.
+
+  Each step runs under `jax.transfer_guard("disallow")`: its batch arrives by
+  an explicit, prefetched transfer and its metrics stay on the devices until
+  a log step reads them with one `jax.device_get`.
+  """
   config, report, ckpt, spe = run.config, run.report, run.ckpt, run.steps_per_epoch
   tcfg = config.train
   loss_kw = loss_options(config.loss)
   use_gmm = config.loss.selection == "epoch_gmm" and config.loss.name == "srem"
   compiled = {}
-  progress = Progress(run.total_steps, int(state.step))
-  iterator = iter(run.loader)
-  step = int(state.step)
-  while step < run.total_steps:
-    epoch = step // spe
-    warmup = config.loss.name == "srem" and epoch < tcfg.warmup_epochs
-    external = use_gmm and not warmup
-    sums, pairs = None, diagnostics.PairCollector()
-    while step < (epoch + 1) * spe:
-      batch = next(iterator)
-      # One step variant per caption bucket (`padding`), each compiled once.
-      key = (warmup, external, batch["tokens"].shape[1])
-      if key not in compiled:
-        compiled[key] = make_train_step(
-          run.model,
-          run.tx,
-          loss_kw,
+  first = int(state.step)
+  progress = Progress(run.total_steps, first)
+  trace = _Trace(config.profile, run.workdir, report.log)
+  features = () if run.features is None else (run.features,)
+  carry = (state, None)
+  try:
+    for step in range(first, run.total_steps):
+      epoch = step // spe
+      if step == first or step % spe == 0:  # an epoch (or a resumed one) begins
+        warmup = config.loss.name == "srem" and epoch < tcfg.warmup_epochs
+        external = use_gmm and not warmup
+        carry = (carry[0], zero_sums(run.mesh))
+        pairs = diagnostics.PairCollector()
+        batches = sharding.prefetch_global(
+          _host_batches(run.loader, selection if external else None, step, spe),
           run.mesh,
-          warmup=warmup,
-          external_clean=external,
-          features_on_device=run.features is not None,
+          PREFETCH,
         )
-      step_fn = compiled[key]
-      if external:
-        batch["selected"] = selection[batch["cap_index"]]
-      resident = () if run.features is None else (run.features,)
-      state, metrics = step_fn(state, sharding.global_batch(batch, run.mesh), *resident)
-      step += 1
-      step_pairs = metrics.pop(PAIRS)
-      if report.is_main:
-        pairs.add(step_pairs)
-      metrics["steps"] = 1.0
-      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-      if step % tcfg.log_every_steps == 0 or step % spe == 0:
-        summary = diagnostics.epoch_summary(sums)
-        diagnostics.check_finite(summary, step, ckpt.latest_dir)
+      trace.before(step)
+      with (
+        jax.profiler.StepTraceAnnotation("train", step_num=step),
+        jax.transfer_guard("disallow"),
+      ):
+        batch = next(batches)
+        # One step variant per caption bucket (`padding`), each compiled once.
+        key = (warmup, external, batch["tokens"].shape[1])
+        if key not in compiled:
+          compiled[key] = make_train_step(
+            run.model,
+            run.tx,
+            loss_kw,
+            run.mesh,
+            warmup=warmup,
+            external_clean=external,
+            features_on_device=run.features is not None,
+            summed=True,
+          )
+        carry, step_pairs = compiled[key](carry, batch, *features)
+        if report.is_main:
+          pairs.add(step_pairs)
+      done = step + 1
+      trace.after(done, carry)
+      epoch_end = done % spe == 0
+      every = tcfg.checkpoint_every_steps
+      save = stop.signal_name or (every and done % every == 0 and not epoch_end)
+      if done % tcfg.log_every_steps == 0 or epoch_end or save:
+        # The sums carry any NaN since the epoch began: never save past one.
+        summary = diagnostics.epoch_summary(jax.device_get(carry[1]))
+        diagnostics.check_finite(summary, done, ckpt.latest_dir)
+      if done % tcfg.log_every_steps == 0 or epoch_end:
         if report.is_main:
           pairs.flush()
         report.log(
           f"epoch {epoch + 1}/{tcfg.epochs}{' (warm-up)' if warmup else ''} "
-          f"{progress.line(step)} | loss {summary['loss']:.4f} "
+          f"{progress.line(done)} | loss {summary['loss']:.4f} "
           f"clean {summary['selected_frac']:.2f} "
           f"prec {summary['selection_precision']:.3f} "
           f"rec {summary['selection_recall']:.3f}"
         )
-      every = tcfg.checkpoint_every_steps
-      if stop.signal_name or (every and step % every == 0 and step % spe):
-        # The sums carry any NaN since the epoch began: never save past one.
-        diagnostics.check_finite(diagnostics.epoch_summary(sums), step, ckpt.latest_dir)
-        ckpt.save_latest(step, state, run.loader.get_state(), selection, record)
+      if save:
+        ckpt.save_latest(done, carry[0], _data_state(run, done), selection, record)
       if stop.signal_name:
-        return state
-    summary = diagnostics.epoch_summary(sums)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    val = retrieval.evaluate(
-      run.model,
-      variables,
-      run.data.val,
-      config,
-      run.mesh,
-      run.data.caption_len,
-      run.data.val_images,
+        return carry[0]
+      if epoch_end:
+        selection = _end_of_epoch(
+          run, done, carry[0], selection, record, summary, pairs
+        )
+        ckpt.save_latest(done, carry[0], _data_state(run, done), selection, record)
+  finally:
+    trace.close(carry)
+  return carry[0]
+
+
+def _host_batches(loader, selection, step: int, spe: int):
+  """The loader's batches from `step` to the end of its epoch, each with the
+  epoch's external clean mask when there is one (`selection`)."""
+  for _ in range(step, (step // spe + 1) * spe):
+    batch = next(loader)
+    if selection is not None:
+      batch["selected"] = selection[batch["cap_index"]]
+    yield batch
+
+
+def _end_of_epoch(run: _Run, step, state, selection, record, summary, pairs):
+  """Validation, epoch records, best checkpoint, next selection (SPEC §3)."""
+  config, report, tcfg = run.config, run.report, run.config.train
+  epoch = step // run.steps_per_epoch - 1
+  warmup = config.loss.name == "srem" and epoch < tcfg.warmup_epochs
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  val = retrieval.evaluate(
+    run.model,
+    variables,
+    run.data.val,
+    config,
+    run.mesh,
+    run.data.caption_len,
+    run.data.val_images,
+  )
+  records = [
+    {"step": step, "epoch": epoch + 1, "split": "train", "warmup": warmup, **summary},
+    {"step": step, "epoch": epoch + 1, "split": "val", **val},
+  ]
+  for epoch_record in records:
+    report.write(epoch_record)
+  if report.is_main:
+    epoch_pairs = pairs.arrays()
+    plots.save_pairs(run.workdir, epoch + 1, **epoch_pairs)
+    figures = plots.write_all(run.workdir)
+    tensorboard.log_epoch(run.events, records, epoch_pairs, figures)
+  record["epoch"] = epoch + 1
+  improved = val["rsum"] > record["best_rsum"]
+  if improved:
+    record.update(best_rsum=val["rsum"], best_epoch=epoch + 1)
+    run.ckpt.save_best(step, state, record)
+  report.log(
+    f"epoch {epoch + 1}: val rSum {val['rsum']:.1f}"
+    f"{' (best)' if improved else ''}, selection precision "
+    f"{summary['selection_precision']:.3f} recall {summary['selection_recall']:.3f}"
+  )
+  use_gmm = config.loss.selection == "epoch_gmm" and config.loss.name == "srem"
+  if use_gmm and epoch + 1 >= tcfg.warmup_epochs and step < run.total_steps:
+    selection = gmm_selection(
+      config, run.model, state, run.data, run.mesh, run.features
     )
-    records = [
-      {"step": step, "epoch": epoch + 1, "split": "train", "warmup": warmup, **summary},
-      {"step": step, "epoch": epoch + 1, "split": "val", **val},
-    ]
-    for epoch_record in records:
-      report.write(epoch_record)
-    if report.is_main:
-      epoch_pairs = pairs.arrays()
-      plots.save_pairs(run.workdir, epoch + 1, **epoch_pairs)
-      figures = plots.write_all(run.workdir)
-      tensorboard.log_epoch(run.events, records, epoch_pairs, figures)
-    record["epoch"] = epoch + 1
-    improved = val["rsum"] > record["best_rsum"]
-    if improved:
-      record.update(best_rsum=val["rsum"], best_epoch=epoch + 1)
-      ckpt.save_best(step, state, record)
-    report.log(
-      f"epoch {epoch + 1}: val rSum {val['rsum']:.1f}"
-      f"{' (best)' if improved else ''}, selection precision "
-      f"{summary['selection_precision']:.3f} recall {summary['selection_recall']:.3f}"
-    )
-    if use_gmm and epoch + 1 >= tcfg.warmup_epochs and step < run.total_steps:
-      selection = gmm_selection(
-        config, run.model, state, run.data, run.mesh, run.features
-      )
-    ckpt.save_latest(step, state, run.loader.get_state(), selection, record)
-  return state
+  return selection
 
 
 def _final_test(run: _Run, state, record) -> dict:

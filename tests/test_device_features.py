@@ -13,7 +13,7 @@ import rawdata
 import tiny
 from test_main import latest_params, tiny_config
 
-from srem_jax import resident, sharding, train
+from srem_jax import config_checks, resident, sharding, train
 from srem_jax.data import noise, pipeline, prepare
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import SGRAF, build_model
@@ -175,7 +175,7 @@ def test_bfloat16_features_lose_nothing_a_bfloat16_model_keeps():
 def test_bad_values_are_one_line_user_errors():
   config = ml_collections.ConfigDict({"data": {"features_on_device": "yes"}})
   with pytest.raises(UserError, match=r"data.features_on_device='yes': must be True"):
-    resident.features_on_device(config)
+    config_checks.check_boolean(config, "data.features_on_device")
   device = types.SimpleNamespace(
     memory_stats=lambda: {"bytes_limit": 2**30, "bytes_in_use": 2**29}
   )

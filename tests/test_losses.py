@@ -10,7 +10,7 @@ import pytest
 from absl.testing import parameterized
 
 from configs import base
-from srem_jax import losses
+from srem_jax import config_checks, losses
 from srem_jax.errors import UserError
 
 TAU = 0.05
@@ -385,7 +385,7 @@ def test_baseline_names():
 
 
 def test_default_loss_config_is_valid():
-  losses.validate_loss_config(base.get_config().loss)
+  config_checks.validate_loss(base.get_config().loss)
 
 
 @pytest.mark.parametrize(
@@ -413,14 +413,14 @@ def test_bad_loss_config_names_the_field(field, value):
   cfg = base.get_config().loss.to_dict()
   cfg[field] = value
   with pytest.raises(UserError, match=rf"^loss\.{field}: "):
-    losses.validate_loss_config(cfg)
+    config_checks.validate_loss(cfg)
 
 
 def test_missing_loss_field_is_reported():
   cfg = base.get_config().loss.to_dict()
   del cfg["tau"]
   with pytest.raises(UserError, match=r"^loss\.tau: missing"):
-    losses.validate_loss_config(cfg)
+    config_checks.validate_loss(cfg)
 
 
 def test_complementary_gradient_finite_for_a_certain_batch_without_eps():

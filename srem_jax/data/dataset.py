@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 from jax.experimental import multihost_utils
 
-from srem_jax import padding
+from srem_jax import config_checks, padding
 from srem_jax.data import layout, noise, pipeline, prepare, synthetic
 from srem_jax.errors import UserError
 
@@ -112,20 +112,11 @@ def open_data(config, workdir: str, log: Callable[[str], None] = print) -> RunDa
   train = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.train_split)
   val = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.val_split)
   test = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.test_split)
-  if train.feature_dim != config.model.img_dim:
-    raise UserError(
-      f"config model.img_dim={config.model.img_dim} but the features of "
-      f"{data_cfg.name} have width {train.feature_dim}"
-    )
+  config_checks.validate_data(config, train=train, val=val, test=test)
   caption_len = padding.static_length(
     max(s.max_caption_len for s in (train, val, test)), data_cfg.caption_len
   )
   n_val = data_cfg.val_images or val.n_images
-  if n_val > val.n_images:
-    raise UserError(
-      f"config data.val_images={n_val} but split {data_cfg.val_split!r} has "
-      f"only {val.n_images} images"
-    )
   run_noise = _on_process_zero_first(
     lambda: noise.resolve_noise(
       ratio=config.noise.ratio,
