@@ -17,8 +17,9 @@ and SAF's train-mode statistics span all images of a caption). The context
 product and the squared difference carry hand-written gradients that keep
 XLA from transposing or reducing that tensor slowly. `remat` chooses what a
 chunk keeps for the backward pass (`REMAT_POLICIES`); the default keeps the
-dense layers' outputs and recomputes the context. Captions are scored in
-groups of similar length, each with its words cut to the smallest bucket
+dense layers' outputs and recomputes the context. Blocks padded beyond 16
+tokens score their captions in groups of similar length, each with its words
+cut to the smallest bucket
 (`srem_jax.padding`) that holds its longest caption (`length_group`; 0 pads
 every caption to the block's length, the plain scan kept as reference): a
 padded word position costs as much as a real one, and a batch's longest
@@ -544,12 +545,15 @@ def _scores_by_length(
   changes by float32 summation order at most. With `img_chunk`, each group
   scans the images in strided chunks (SGR training), otherwise all images at
   once. Returns (scores, SAF (means, variances, counts) in caption order or
-  None), or None when the padded length is already the shortest bucket.
+  None), or None for a padded length of at most twice the shortest bucket
+  (captions of up to 16 tokens are scored as they are).
   """
   words, cap_glob, mask = captions
   num_imgs, (num_caps, length) = images[0].shape[0], mask.shape
   lengths = padding.bucket_lengths(length)
-  if len(lengths) == 1:
+  if length <= 2 * lengths[0]:
+    # At most half the positions could go, typically far fewer, and the
+    # trimmed branches' backward repeats their forward: not worth it.
     return None
   order = jnp.argsort(jnp.sum(mask, axis=1), stable=True)
   group = min(cap_chunk, num_caps)
