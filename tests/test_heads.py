@@ -192,6 +192,25 @@ def _plain_squared_difference(context, words):
   return jnp.square(context - words[None])
 
 
+def _score_gradients(block, variables, img, cap, weights, train=True):
+  """Gradients of sum(weights * scores) with respect to the parameters, the
+  image embedding, the words and the caption vector; and (scores, updates)."""
+
+  def loss(params, img, words, cap_glob):
+    scores, updates = block.apply(
+      {**variables, "params": params},
+      img,
+      CaptionEmbedding(words, cap_glob, cap.mask),
+      train=train,
+      mutable=["batch_stats"],
+      method=SGRAF.score,
+    )
+    return jnp.sum(weights * scores), (scores, updates)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+  return grad(variables["params"], img, cap.words, cap.glob)
+
+
 @pytest.mark.parametrize(
   "head, img_chunk, remat",
   [("sgr", 2, "dots"), ("sgr", 3, "none"), ("saf", 2, "dots")],
@@ -209,21 +228,7 @@ def test_head_gradients_equal_plain_autodiff_and_ignore_chunking(
   weights = np.random.default_rng(6).normal(size=(NUM_IMG, len(lengths)))
 
   def grads(**fields):
-    block = model.clone(**fields)
-
-    def loss(params, img, words, cap_glob):
-      scores, _ = block.apply(
-        {**variables, "params": params},
-        img,
-        CaptionEmbedding(words, cap_glob, cap.mask),
-        train=True,
-        mutable=["batch_stats"],
-        method=SGRAF.score,
-      )
-      return jnp.sum(weights * scores)
-
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-    return grad(variables["params"], img, cap.words, cap.glob)
+    return _score_gradients(model.clone(**fields), variables, img, cap, weights)[0]
 
   fast = grads(img_chunk=img_chunk, remat=remat)
   monkeypatch.setattr(heads, "attended_context", _plain_context)
@@ -277,20 +282,7 @@ def test_scoring_by_length_equals_padded_scoring_and_its_gradients(head, train):
 
   def run(length_group):
     block = model.clone(length_group=length_group)
-
-    def loss(params, img, words, cap_glob):
-      scores, updates = block.apply(
-        {**variables, "params": params},
-        img,
-        CaptionEmbedding(words, cap_glob, cap.mask),
-        train=train,
-        mutable=["batch_stats"],
-        method=SGRAF.score,
-      )
-      return jnp.sum(weights * scores), (scores, updates)
-
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
-    return grad(variables["params"], img, cap.words, cap.glob)
+    return _score_gradients(block, variables, img, cap, weights, train=train)
 
   by_length, padded = run(4), run(0)
   np.testing.assert_allclose(by_length[1][0], padded[1][0], rtol=0, atol=2e-6)
