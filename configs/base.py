@@ -63,7 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- objective (SPEC §3) -------------------------------------------------
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = "srem"  # srem | triplet_hardest | ccl
+  c.loss.name = (
+    "srem"  # srem | triplet_hardest | ccl | ncr (two models, srem_jax/ncr_train.py)
+  )
   c.loss.tau = 0.05  # temperature of the in-batch classification logits
   c.loss.energy_temp = 1.0  # T in the energy -T*logsumexp(Z/T)
   c.loss.margin = 0.2  # triplet margin alpha
@@ -80,6 +82,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.gmm_tol = 1e-2  # epoch_gmm: EM tolerance on the log-likelihood
   c.loss.gmm_reg = 5e-4  # epoch_gmm: variance floor
   c.loss.gmm_min_noisy = 0.01  # epoch_gmm: fraction forced noisy when none is flagged
+
+  # ---- NCR, the two-model baseline (loss.name="ncr", SPEC §3b) -------------
+  # Margin and GMM settings come from loss.*; warm-up, epochs and LR from train.*.
+  c.ncr = ml_collections.ConfigDict()
+  c.ncr.p_threshold = (
+    0.5  # a pair is labelled when its GMM clean posterior exceeds this
+  )
+  c.ncr.soft_margin = "exponential"  # margin m*s(target): exponential | linear | sin
+  c.ncr.unlabelled_from_epoch = (
+    -1  # co-training epoch (0 = first after warm-up) the unlabelled loss starts; -1 = half of them
+  )
 
   # ---- training (SPEC §4) --------------------------------------------------
   c.train = ml_collections.ConfigDict()

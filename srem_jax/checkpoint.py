@@ -126,6 +126,28 @@ def load_variables(path: str) -> tuple[dict, dict]:
   a `best/` or `checkpoints/` manager folder, or one step folder inside it.
   Returns ({"params": ..., "batch_stats": ...} as NumPy trees, record).
   """
+  members, record = load_members(path)
+  if len(members) != 1:
+    raise UserError(
+      f"checkpoint {path}: holds {len(members)} models (an NCR run); "
+      "evaluate it with `python -m srem_jax.evaluate`, which averages them"
+    )
+  return members[0], record
+
+
+def _variables(state, source) -> list[dict]:
+  """One variables dict per model of a restored state: an NCR run's state
+  is {"a": ..., "b": ...}, every other method's a single train state."""
+  if isinstance(state, dict) and "params" not in state and state:
+    if all(isinstance(v, dict) and "params" in v for v in state.values()):
+      return [m for name in sorted(state) for m in _variables(state[name], source)]
+  if not isinstance(state, dict) or "params" not in state:
+    raise UserError(f"checkpoint {source}: holds no model parameters")
+  return [{"params": state["params"], "batch_stats": state.get("batch_stats", {})}]
+
+
+def load_members(path: str) -> tuple[list[dict], dict]:
+  """Like `load_variables`, with every model of the run: [a, b] for NCR."""
   root = paths.as_path(path)
   if not root.exists():
     raise UserError(f"checkpoint {root} does not exist")
@@ -156,10 +178,8 @@ def load_variables(path: str) -> tuple[dict, dict]:
         f"({type(e).__name__}: {first_line})"
       ) from None
     state = jax.tree.map(np.asarray, restored.state)
-    if not isinstance(state, dict) or "params" not in state:
-      raise UserError(f"checkpoint {directory / str(step)}: holds no model parameters")
-    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
-    return variables, dict(restored.record or {})
+    members = _variables(state, directory / str(step))
+    return members, dict(restored.record or {})
   raise UserError(
     f"no orbax checkpoint found at {root} (expected a run's workdir, its best/ "
     "or checkpoints/ folder, or one step folder inside them)"

@@ -12,7 +12,7 @@ prepared data, once it is opened.
 
 import math
 
-from srem_jax import execution, losses, padding
+from srem_jax import execution, losses, ncr, padding
 from srem_jax.errors import UserError
 
 _CHOICES = {
@@ -80,6 +80,7 @@ def validate(config, num_devices: int | None = None) -> None:
       hi = "]" if high_ok else ")"
       raise UserError(f"config {key}={value!r}: must be in {lo}{low}, {high}{hi}")
   validate_loss(config.loss)
+  validate_ncr(config.ncr)
   execution.resolve(config.execution)  # raises for a bad preset, size or precision
   if config.train.warmup_epochs > config.train.epochs:
     raise UserError(
@@ -144,7 +145,7 @@ def _number(loss_cfg, field, accept, expected):
 def validate_loss(loss_cfg) -> None:
   """Raises UserError naming `loss.<field>` for the first bad value in `loss_cfg`."""
   choices = {
-    "name": losses.LOSS_NAMES,
+    "name": (*losses.LOSS_NAMES, ncr.NAME),
     "selection": losses.SELECTIONS,
     "bias": losses.BIASES,
   }
@@ -174,3 +175,25 @@ def validate_loss(loss_cfg) -> None:
   _number(loss_cfg, "gmm_tol", lambda v: v >= 0, "a number >= 0")
   _number(loss_cfg, "gmm_reg", lambda v: v > 0, "a number > 0")
   _number(loss_cfg, "gmm_min_noisy", lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def validate_ncr(ncr_cfg) -> None:
+  """Raises UserError naming `ncr.<field>` for the first bad value."""
+  if ncr_cfg.soft_margin not in ncr.SOFT_MARGINS:
+    raise UserError(
+      f"ncr.soft_margin: expected one of {', '.join(ncr.SOFT_MARGINS)}, "
+      f"got {ncr_cfg.soft_margin!r}"
+    )
+  threshold = ncr_cfg.p_threshold
+  if (
+    isinstance(threshold, bool)
+    or not isinstance(threshold, (int, float))
+    or not (0 <= threshold < 1)
+  ):
+    raise UserError(f"ncr.p_threshold: expected a number in [0, 1), got {threshold!r}")
+  start = ncr_cfg.unlabelled_from_epoch
+  if isinstance(start, bool) or not isinstance(start, int) or start < -1:
+    raise UserError(
+      f"ncr.unlabelled_from_epoch: expected an integer >= 0, or -1 (half of the "
+      f"co-training epochs), got {start!r}"
+    )

@@ -3,8 +3,9 @@
 Loads each checkpoint (a run's workdir, an orbax folder or an NCR .pth.tar)
 with its own architecture, scores the split with `srem_jax.retrieval` (the
 evaluator training uses too) and ranks the result. Several models
-(checkpoints, or NCR's model A and B) form an ensemble by averaging their
-similarity matrices, as SGRAF does.
+(checkpoints, NCR's model A and B from a .pth.tar, or both models of a
+`loss.name="ncr"` run) form an ensemble by averaging their similarity
+matrices, as SGRAF and NCR do.
 
     python -m srem_jax.evaluate --config=configs/flickr.py \
         --checkpoint=workdirs/flickr [--checkpoint=other] [--dump_sims=sims.npy]
@@ -105,11 +106,12 @@ def _models_for(path, config, split, caption_len, torch_model):
       model = build_model(_model_config(config, overrides), vocab_size, plan)
       pairs.append((model, variables))
     return pairs
-  variables, record = checkpoint.load_variables(path)
+  members, record = checkpoint.load_members(path)
   model = build_model(_model_config(config, record.get("model", {})), vocab_size, plan)
   expected = _abstract_variables(model, split, caption_len)
-  checkpoint.check_shapes(variables, expected, path)
-  return [(model, variables)]
+  for variables in members:
+    checkpoint.check_shapes(variables, expected, path)
+  return [(model, variables) for variables in members]
 
 
 def run_evaluation(

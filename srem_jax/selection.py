@@ -14,6 +14,7 @@ statistics into the clean mask the next epoch trains on.
     clean = gmm_selection(config, model, state, data, mesh, run.features)
 """
 
+import dataclasses
 import functools
 import queue
 import threading
@@ -76,9 +77,22 @@ class _Prefetch:
           pass
 
 
+@dataclasses.dataclass(frozen=True)
+class SremStatistics:
+  """Each pair's in-batch cross-entropy, energy and swapped entropy."""
+
+  tau: float
+  temp: float
+
+  def __call__(self, scores, valid) -> dict:
+    out = losses.per_sample_stats(scores, self.tau, self.temp, valid=valid)
+    return {key: out[key] for key in STATISTICS}
+
+
 @functools.lru_cache(maxsize=8)
-def _statistics_function(model, tau, temp, mesh, on_device: bool):
-  """Jitted per-sample statistics of one batch, built once per model."""
+def _statistics_function(model, statistic, mesh, on_device: bool):
+  """Jitted per-sample statistics of one batch, built once per model and
+  statistic (a hashable `(scores, valid) -> {name: (K,) array}`)."""
 
   def stats(v, batch, *features):
     images = (
@@ -87,17 +101,27 @@ def _statistics_function(model, tau, temp, mesh, on_device: bool):
       else batch["images"]
     )
     scores = model.apply(v, images, batch["tokens"], batch["lengths"], train=False)
-    out = losses.per_sample_stats(scores, tau, temp, valid=batch["mask"])
-    return {key: out[key] for key in STATISTICS}
+    return statistic(scores, batch["mask"])
 
   return jax.jit(stats)
 
 
 def pair_statistics(
-  model, variables, data, config, mesh, *, tau, temp, features=None
+  model,
+  variables,
+  data,
+  config,
+  mesh,
+  *,
+  tau=None,
+  temp=None,
+  features=None,
+  statistic=None,
 ) -> dict[str, np.ndarray]:
   """Per-caption in-batch cross-entropy, energy and swapped entropy over the
-  training set, as {"ce", "energy", "entropy"} arrays indexed by caption.
+  training set, as {"ce", "energy", "entropy"} arrays indexed by caption;
+  another `statistic` (hashable, `(scores, valid) -> {name: (K,) array}`,
+  e.g. NCR's per-sample loss) replaces them, with `tau`/`temp` unused.
 
   Batches follow a seeded order of the whole (noisy) training set; the last
   one is padded and its padding masked out of every softmax. `features`
@@ -107,7 +131,8 @@ def pair_statistics(
   batch_size = _round_up(config.train.batch_size, devices)
   n = data.train.n_captions
   on_device = features is not None
-  stats = _statistics_function(model, tau, temp, mesh, on_device)
+  statistic = statistic or SremStatistics(tau, temp)
+  stats = _statistics_function(model, statistic, mesh, on_device)
   progress = PassProgress(
     "selection statistics",
     _round_up(n, batch_size) // batch_size,
@@ -135,9 +160,10 @@ def pair_statistics(
     if len(results) > _IN_FLIGHT:  # waits for the devices, transfers nothing
       jax.block_until_ready(results[-1 - _IN_FLIGHT][0])
     progress(done)
-  out = {key: np.zeros(n, np.float32) for key in STATISTICS}
+  out = {}
   for values, cap_index, keep in to_host(results):
-    for key, column in out.items():
+    for key in values:
+      column = out.setdefault(key, np.zeros(n, np.float32))
       column[cap_index[keep]] = values[key][keep]
   return out
 

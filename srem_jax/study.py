@@ -40,7 +40,7 @@ from srem_jax.data import dataset
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import build_model
 
-METHODS = ("srem", "triplet_hardest", "ccl")
+METHODS = ("srem", "triplet_hardest", "ccl", "ncr")
 ABLATIONS = {
   "srem w/o filtration": {"loss.use_filtration": False},
   "srem w/o entropy weight": {"loss.use_entropy_weight": False},

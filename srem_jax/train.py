@@ -10,6 +10,7 @@ imported here so `train.make_train_step` and friends keep working.
 
 import dataclasses
 import signal
+import time
 from typing import Any
 
 import jax
@@ -232,6 +233,7 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
     for step in range(first, run.total_steps):
       epoch = step // spe
       if step == first or step % spe == 0:  # an epoch (or a resumed one) begins
+        epoch_start = time.perf_counter()
         warmup = config.loss.name == "srem" and epoch < tcfg.warmup_epochs
         external = use_gmm and not warmup
         carry = (carry[0], zero_sums(run.mesh))
@@ -287,6 +289,8 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
       if stop.signal_name:
         return carry[0]
       if epoch_end:
+        # The summary's device_get above waited for the epoch's last step.
+        summary["time_train_s"] = time.perf_counter() - epoch_start
         selection = _end_of_epoch(
           run, done, carry[0], selection, record, summary, pairs
         )
@@ -312,6 +316,7 @@ def _end_of_epoch(run: _Run, step, state, selection, record, summary, pairs):
   epoch = step // run.steps_per_epoch - 1
   warmup = config.loss.name == "srem" and epoch < tcfg.warmup_epochs
   variables = {"params": state.params, "batch_stats": state.batch_stats}
+  start = time.perf_counter()
   val = retrieval.evaluate(
     run.model,
     variables,
@@ -321,6 +326,15 @@ def _end_of_epoch(run: _Run, step, state, selection, record, summary, pairs):
     run.data.caption_len,
     run.data.val_images,
   )
+  val["time_val_s"] = time.perf_counter() - start
+  # The next epoch's selection is made here and timed with this epoch.
+  start = time.perf_counter()
+  use_gmm = config.loss.selection == "epoch_gmm" and config.loss.name == "srem"
+  if use_gmm and epoch + 1 >= tcfg.warmup_epochs and step < run.total_steps:
+    selection = gmm_selection(
+      config, run.model, state, run.data, run.mesh, run.features
+    )
+  summary["time_passes_s"] = time.perf_counter() - start
   records = [
     {"step": step, "epoch": epoch + 1, "split": "train", "warmup": warmup, **summary},
     {"step": step, "epoch": epoch + 1, "split": "val", **val},
@@ -342,11 +356,6 @@ def _end_of_epoch(run: _Run, step, state, selection, record, summary, pairs):
     f"{' (best)' if improved else ''}, selection precision "
     f"{summary['selection_precision']:.3f} recall {summary['selection_recall']:.3f}"
   )
-  use_gmm = config.loss.selection == "epoch_gmm" and config.loss.name == "srem"
-  if use_gmm and epoch + 1 >= tcfg.warmup_epochs and step < run.total_steps:
-    selection = gmm_selection(
-      config, run.model, state, run.data, run.mesh, run.features
-    )
   return selection
 
 
@@ -366,6 +375,13 @@ def _final_test(run: _Run, state, record) -> dict:
     data.test.n_images,
     protocol=config.data.eval_protocol,
   )
+  return report_test(run, test, record, int(state.step))
+
+
+def report_test(run: _Run, test: dict, record: dict, step: int) -> dict:
+  """Writes the test metrics of a finished run (records, TensorBoard,
+  results.json, the tables) and returns its results."""
+  config, data = run.config, run.data
   results = {
     "test": test,
     "best_epoch": record["best_epoch"],
@@ -378,7 +394,6 @@ def _final_test(run: _Run, state, record) -> dict:
     },
     "config": config.to_dict(),
   }
-  step = int(state.step)
   run.report.write({"step": step, "epoch": record["epoch"], "split": "test", **test})
   tensorboard.log_test(run.events, config, test, step)
   path = run.report.write_json("results.json", results)
@@ -399,6 +414,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   On SIGTERM/SIGINT the current step finishes, a checkpoint is saved and
   SystemExit(0) is raised; rerunning the same command resumes.
   """
+  if config.loss.name == "ncr":  # two models and their own loop
+    from srem_jax import ncr_train
+
+    return ncr_train.train_and_evaluate(config, workdir)
   run = _open_run(config, workdir)
   stop = _StopFlag()
   stop.install()

@@ -31,11 +31,12 @@ def tiny_base():
 
 def test_default_plan_has_every_setting_once():
   settings = study.plan([0, 0.2, 0.4, 0.6, 0.8], study.METHODS)
-  assert len(settings) == 5 * 3 + 3 + 4
+  assert len(settings) == 5 * 4 + 4 + 4
   names = [s.run_name(1) for s in settings]
   assert len(set(names)) == len(names)
   assert "caption0.6_srem_no_cmbcl_s1" in names
   assert "image0.4_ccl_s1" in names and "caption0_triplet_hardest_s1" in names
+  assert "caption0.4_ncr_s1" in names and "image0.4_ncr_s1" in names
   ablations = [s for s in settings if s.method.startswith("srem ")]
   assert {s.ratio for s in ablations} == {0.6}
   config = study.run_config(tiny_base(), ablations[2], seed=3, data_dir="/d")

@@ -481,3 +481,32 @@ def pair_batches(
     whole = order[start : start + batch_size]
     batch = _pair_batch(split, t2i, clean, rows, buckets, with_images, whole)
     yield {**batch, "mask": mask}
+
+
+def ordered_batches(
+  split: PreparedSplit,
+  t2i: np.ndarray,
+  clean: np.ndarray | None,
+  order: np.ndarray,
+  global_batch_size: int,
+  caption_len: int,
+  *,
+  start: int = 0,
+  buckets: tuple[int, ...] | None = None,
+  with_images: bool = True,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """This process's rows of global batches `start, start + 1, ...` of the
+  caption order `order` (any indices, repeats allowed); a last partial batch
+  is dropped, as `train_loader` does. For methods that train on a subset of
+  the pairs (NCR's labelled and unlabelled sets); the order is the caller's.
+  """
+  t2i, clean = _check_noise(split, t2i, clean)
+  buckets = _buckets(split, caption_len, buckets)
+  first_row, rows = _process_slice(global_batch_size, process_index, process_count)
+  order = np.asarray(order, np.int64)
+  for step in range(start, len(order) // global_batch_size):
+    whole = order[step * global_batch_size : (step + 1) * global_batch_size]
+    mine = whole[first_row : first_row + rows]
+    yield _pair_batch(split, t2i, clean, mine, buckets, with_images, whole)
