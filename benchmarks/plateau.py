@@ -22,7 +22,9 @@ the validation pass.
       --sizes=600,2000 --epochs=20,8 --lrs=2e-3,5e-4,2e-4 --noise=0.4 \
       --extra=triplet_hardest:600:2e-3:0.0:20,ccl:600:2e-3:0.4:15
 
-A run whose workdir already holds results.json is parsed, not rerun.
+A run whose workdir already holds results.json is parsed, not rerun; one
+without resumes from its latest checkpoint, so a run copied into another
+--out without its results.json continues to a larger --epochs.
 """
 
 import argparse
@@ -132,7 +134,8 @@ def train(run: Run, out: str, log_every: int, steps_cap: int = 0):
   ]
   print(" ".join(args[1:]), flush=True)
   env = dict(os.environ, PYTHONPATH=REPO)
-  with open(os.path.join(out, run.name + ".log"), "w") as log:
+  # Appended to: a run resumed from its workdir's checkpoint keeps one log.
+  with open(os.path.join(out, run.name + ".log"), "a") as log:
     subprocess.run(
       args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True
     )
@@ -246,6 +249,9 @@ def main(argv=None):
 
   untrained, rows = {}, []
   for run in runs:
+    finished = os.path.join(args.out, run.name, "results.json")
+    if args.parse_only and not os.path.exists(finished):
+      continue
     # The untrained model depends on the size (its data) and the seed (its
     # initial parameters), not on the noise: validation pairs are clean.
     key = (run.size, run.seed)
@@ -256,7 +262,7 @@ def main(argv=None):
       untrained[key] = first_val_rsum(os.path.join(args.out, base.name))
     if not args.parse_only:
       train(run, args.out, args.log_every)
-    if os.path.exists(os.path.join(args.out, run.name, "results.json")):
+    if os.path.exists(finished):
       rows.append(summarize(run, args.out, batch, margin, args, untrained[key]))
   with open(os.path.join(args.out, "plateau.json"), "w") as f:
     json.dump(rows, f, indent=1)
