@@ -186,7 +186,7 @@ class _Runner:
       )
       for unl in (False, True)
     }
-    self.times = {"train": 0.0, "passes": 0.0, "val": 0.0}
+    self.times = {"train": 0.0, "compile": 0.0, "passes": 0.0, "val": 0.0}
 
   # -- checkpoints --
 
@@ -275,6 +275,9 @@ class _Runner:
     run, cfg, pos = self.run, self.config, self.position
     epoch = pos.epoch
     warm = epoch < cfg.train.warmup_epochs
+    if self.stop.signal_name:  # arrived during the last validation
+      self.save()
+      return None
     if not warm and self.divided != epoch:
       start = time.perf_counter()
       self.prob = divide(run, self.states)
@@ -298,11 +301,17 @@ class _Runner:
       sharding.replicated(run.mesh),
     )
     use_u = epoch >= ncr_step.unlabelled_from(cfg)
-    start = time.perf_counter()
+    start, compile_start = time.perf_counter(), self._compile_seconds()
     while pos.phase < len(MEMBERS):
       member = MEMBERS[pos.phase]
       steps, batches = self._phase_batches(epoch, pos.phase, pos.step)
-      other = self.states[MEMBERS[1 - pos.phase]]
+      other = MEMBERS[1 - pos.phase]
+      if not warm and pos.step == 0:
+        run.report.log(
+          f"epoch {epoch + 1}: model {member} trains {steps} steps on model "
+          f"{other}'s division"
+        )
+      other = self.states[other]
       for _, batch in batches:
         with jax.transfer_guard("disallow"):
           carry = (self.states[member], sums)
@@ -324,8 +333,14 @@ class _Runner:
           return None
       pos.phase, pos.step = pos.phase + 1, 0
     jax.block_until_ready((self.states, sums))
-    self.times["train"] += time.perf_counter() - start
+    compile_s = self._compile_seconds() - compile_start
+    self.times["compile"] += compile_s
+    self.times["train"] += time.perf_counter() - start - compile_s
     return self._check(sums)
+
+  def _compile_seconds(self) -> float:
+    steps = (self._warmup, *self._co_train.values())
+    return sum(getattr(fn, "compile_s", 0.0) for fn in steps)
 
   def _check(self, sums) -> dict:
     s = {k: float(v) for k, v in jax.device_get(sums).items()}
@@ -390,6 +405,7 @@ class _Runner:
         **summary,
         **({} if warm else self.division),
         "time_train_s": times["train"],
+        "time_compile_s": times["compile"],
         "time_passes_s": times["passes"],
       },
       {
@@ -462,5 +478,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _jit(fn, mesh):
-  """jit with the (state, sums) carry donated and every output replicated."""
-  return jax.jit(fn, out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
+  """jit with the (state, sums) carry donated and every output replicated,
+  compiled ahead of time with its compile time kept (`step.TimedJit`)."""
+  return step.TimedJit(
+    jax.jit(fn, out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
+  )

@@ -14,6 +14,7 @@ ahead-of-time compile imports it without the data stack.
 """
 
 import functools
+import time
 from typing import Any
 
 import flax
@@ -276,3 +277,27 @@ def make_train_step(
   else:
     jitted = lambda state, batch: fn(state, batch)
   return jax.jit(jitted, out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
+
+
+class TimedJit:
+  """A jitted function compiled ahead of time once per argument shapes (any
+  other callable is just called); the
+  seconds spent compiling add up in `compile_s`, so a loop can report the
+  time of its steps without their compilation."""
+
+  def __init__(self, jitted):
+    self.jitted = jitted
+    self.compiled = {}
+    self.compile_s = 0.0
+
+  def __call__(self, *args):
+    if not hasattr(self.jitted, "lower"):  # a plain function: called as it is
+      return self.jitted(*args)
+    leaves, tree = jax.tree.flatten(args)
+    key = tree, tuple((x.shape, x.dtype) for x in leaves)
+    fn = self.compiled.get(key)
+    if fn is None:
+      start = time.perf_counter()
+      fn = self.compiled[key] = self.jitted.lower(*args).compile()
+      self.compile_s += time.perf_counter() - start
+    return fn(*args)

@@ -67,17 +67,18 @@ class Setting:
     return f"{self.protocol}{self.ratio:g}_{method}_s{seed}".lower()
 
 
-def plan(ratios, methods, image_ratios=(0.4,), ablation_ratio=0.6) -> list[Setting]:
-  """Every setting, in run order; `ablation_ratio=None` leaves out ablations."""
+def plan(ratios, methods, image_ratios=(0.4,), ablation_ratios=(0.6,)) -> list[Setting]:
+  """Every setting, in run order; SREM's ablations at each of `ablation_ratios`."""
   settings = [
     Setting("caption", r, m, (("loss.name", m),)) for r in ratios for m in methods
   ]
   settings += [
     Setting("image", r, m, (("loss.name", m),)) for r in image_ratios for m in methods
   ]
-  if ablation_ratio is not None and "srem" in methods:
+  if "srem" in methods:
     settings += [
-      Setting("caption", ablation_ratio, name, tuple(fields.items()))
+      Setting("caption", r, name, tuple(fields.items()))
+      for r in ablation_ratios
       for name, fields in ABLATIONS.items()
     ]
   return settings
@@ -438,8 +439,8 @@ _RATIOS = flags.DEFINE_list(
 _METHODS = flags.DEFINE_list("methods", ",".join(METHODS), "Methods to train.")
 _IMAGE_RATIOS = flags.DEFINE_list("image_ratios", "0.4", "Image-level noise ratios.")
 _ABLATIONS = flags.DEFINE_bool("ablations", True, "Add the SREM ablations.")
-_ABLATION_RATIO = flags.DEFINE_float(
-  "ablation_ratio", 0.6, "Caption noise of ablations."
+_ABLATION_RATIOS = flags.DEFINE_list(
+  "ablation_ratios", "0.6", "Caption noise ratios of the SREM ablations."
 )
 _EPOCHS = flags.DEFINE_integer(
   "epochs", 10, "Epochs per run; warm-up and LR decay start at 60% of them."
@@ -472,10 +473,6 @@ def main(argv):
     raise UserError(f"--methods: expected some of {', '.join(METHODS)}, got {unknown}")
   if min(_SEEDS.value, _EPOCHS.value, _NUM_TRAIN.value, _JOBS.value) < 1:
     raise UserError("--seeds, --epochs, --num_train and --jobs must be at least 1")
-  if not 0 <= _ABLATION_RATIO.value < 1:
-    raise UserError(
-      f"--ablation_ratio: expected a ratio in [0, 1), got {_ABLATION_RATIO.value}"
-    )
   base = _CONFIG.value
   base.train.epochs = _EPOCHS.value
   base.train.warmup_epochs = base.train.lr_decay_epochs = round(0.6 * _EPOCHS.value)
@@ -484,7 +481,7 @@ def main(argv):
     _ratios(_RATIOS),
     [m for m in METHODS if m in _METHODS.value],
     _ratios(_IMAGE_RATIOS),
-    _ABLATION_RATIO.value if _ABLATIONS.value else None,
+    _ratios(_ABLATION_RATIOS) if _ABLATIONS.value else (),
   )
   # Runs of one method differ only in data, so their compiled steps are
   # identical: a persistent cache compiles each once per study, not per run.

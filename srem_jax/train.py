@@ -36,6 +36,7 @@ from srem_jax.reporting import Progress, Reporter, recall_table
 from srem_jax.selection import gmm_selection
 from srem_jax.step import (  # noqa: F401  (part of train's interface)
   PAIRS,
+  TimedJit,
   TrainState,
   batch_scores,
   init_state,
@@ -234,6 +235,7 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
       epoch = step // spe
       if step == first or step % spe == 0:  # an epoch (or a resumed one) begins
         epoch_start = time.perf_counter()
+        compile_start = _compile_seconds(compiled)
         warmup = config.loss.name == "srem" and epoch < tcfg.warmup_epochs
         external = use_gmm and not warmup
         carry = (carry[0], zero_sums(run.mesh))
@@ -252,15 +254,17 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
         # One step variant per caption bucket (`padding`), each compiled once.
         key = (warmup, external, batch["tokens"].shape[1])
         if key not in compiled:
-          compiled[key] = make_train_step(
-            run.model,
-            run.tx,
-            loss_kw,
-            run.mesh,
-            warmup=warmup,
-            external_clean=external,
-            features_on_device=run.features is not None,
-            summed=True,
+          compiled[key] = TimedJit(
+            make_train_step(
+              run.model,
+              run.tx,
+              loss_kw,
+              run.mesh,
+              warmup=warmup,
+              external_clean=external,
+              features_on_device=run.features is not None,
+              summed=True,
+            )
           )
         carry, step_pairs = compiled[key](carry, batch, *features)
         if report.is_main:
@@ -290,7 +294,9 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
         return carry[0]
       if epoch_end:
         # The summary's device_get above waited for the epoch's last step.
-        summary["time_train_s"] = time.perf_counter() - epoch_start
+        compile_s = _compile_seconds(compiled) - compile_start
+        summary["time_compile_s"] = compile_s
+        summary["time_train_s"] = time.perf_counter() - epoch_start - compile_s
         selection = _end_of_epoch(
           run, done, carry[0], selection, record, summary, pairs
         )
@@ -298,6 +304,10 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
   finally:
     trace.close(carry)
   return carry[0]
+
+
+def _compile_seconds(compiled: dict) -> float:
+  return sum(fn.compile_s for fn in compiled.values())
 
 
 def _host_batches(loader, selection, step: int, spe: int):

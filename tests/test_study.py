@@ -43,7 +43,8 @@ def test_default_plan_has_every_setting_once():
   assert config.loss.beta == 0.0 and config.loss.name == "srem"
   assert (config.noise.seed, config.train.seed, config.noise.ratio) == (3, 3, 0.6)
   assert config.data.raw_dir == "/d" and config.name == "caption0.6_srem_beta0_s3"
-  assert study.plan([0.2], ["ccl"], [], 0.6) == [
+  assert len(study.plan([0.2], ["srem"], [], [0.4, 0.6])) == 1 + 2 * 4
+  assert study.plan([0.2], ["ccl"], [], [0.6]) == [
     study.Setting("caption", 0.2, "ccl", (("loss.name", "ccl"),))
   ]
 
