@@ -461,20 +461,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if summary is None:
         break
       runner.end_of_epoch(summary)
-    run.ckpt.wait()
-    if stop.signal_name:
-      run.report.log(
-        f"{stop.signal_name}: saved step {runner.position.done} in "
-        f"{run.ckpt.latest_dir}; rerun the same command to resume"
-      )
-      raise SystemExit(0)
+    train.exit_if_stopped(run, stop, runner.position.done)
     return runner.final_test()
   finally:
-    stop.restore()
-    run.loader.close()
-    run.ckpt.close()
-    if run.events is not None:
-      run.events.close()
+    train.close_run(run, stop)
 
 
 def _jit(fn, mesh):

@@ -435,17 +435,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, selection, record = _initial_state(run)
     tensorboard.log_config(run.events, config, int(state.step))
     state = _train(run, state, selection, record, stop)
-    run.ckpt.wait()
-    if stop.signal_name:
-      run.report.log(
-        f"{stop.signal_name}: saved step {int(state.step)} in "
-        f"{run.ckpt.latest_dir}; rerun the same command to resume"
-      )
-      raise SystemExit(0)
+    exit_if_stopped(run, stop, int(state.step))
     return _final_test(run, state, record)
   finally:
-    stop.restore()
-    run.loader.close()
-    run.ckpt.close()
-    if run.events is not None:
-      run.events.close()
+    close_run(run, stop)
+
+
+def exit_if_stopped(run: _Run, stop: _StopFlag, step: int) -> None:
+  """Waits for the checkpoint writes; after SIGTERM/SIGINT, says where the
+  run was saved and raises SystemExit(0)."""
+  run.ckpt.wait()
+  if stop.signal_name:
+    run.report.log(
+      f"{stop.signal_name}: saved step {step} in "
+      f"{run.ckpt.latest_dir}; rerun the same command to resume"
+    )
+    raise SystemExit(0)
+
+
+def close_run(run: _Run, stop: _StopFlag) -> None:
+  stop.restore()
+  run.loader.close()
+  run.ckpt.close()
+  if run.events is not None:
+    run.events.close()
