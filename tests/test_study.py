@@ -141,7 +141,7 @@ def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
     assert f"]({name})" in text
   # Rerunning skips finished runs and rewrites the same table.
   base = tiny_base()  # the same data as the flags above
-  settings = study.plan([0.0, 0.6], ["srem"], [], None)
+  settings = study.plan([0.0, 0.6], ["srem"], [], ())
   before = {p: os.path.getmtime(p) for p in (out / "runs").glob("*/results.json")}
   again = open(study.run_study(base, str(out), settings, [0], "again")).read()
   assert {p: os.path.getmtime(p) for p in before} == before
