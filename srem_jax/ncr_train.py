@@ -249,7 +249,7 @@ class _Runner:
       # Whole batches of every pair, as the other methods' epochs.
       order = ncr.warmup_order(seed, epoch, member_index, data.train.n_captions)
       steps = run.steps_per_epoch
-      return steps, iter(selection._Prefetch(read(order[: steps * size]), place))
+      return steps, iter(selection.Prefetch(read(order[: steps * size]), place))
     # Model a trains on b's division and b on a's.
     prob = self.prob[1 - member_index]
     labelled = ncr.split_labelled(prob, self.threshold)
@@ -269,7 +269,7 @@ class _Runner:
     def place_pair(parts):
       return {name: place(part) for name, part in zip("lu", parts)}
 
-    return steps, iter(selection._Prefetch(pairs(), place_pair))
+    return steps, iter(selection.Prefetch(pairs(), place_pair))
 
   def run_epoch(self, progress):
     run, cfg, pos = self.run, self.config, self.position

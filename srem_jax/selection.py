@@ -37,7 +37,7 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-class _Prefetch:
+class Prefetch:
   """Yields `make(item)` for each item of `items`, computed `depth` ahead in a
   thread; an exception there is raised here at the item it stopped on."""
 
@@ -153,7 +153,7 @@ def pair_statistics(
   extra = (features,) if on_device else ()
   results = []
   for done, (_, batch) in enumerate(
-    _Prefetch(batches, lambda b: sharding.global_batch(b, mesh)), 1
+    Prefetch(batches, lambda b: sharding.global_batch(b, mesh)), 1
   ):
     values = stats(variables, batch, *extra)
     results.append((values, batch["cap_index"], batch["mask"]))

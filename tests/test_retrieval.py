@@ -192,6 +192,6 @@ def test_a_prefetch_error_surfaces_in_the_consumer():
 
   seen = []
   with pytest.raises(RuntimeError, match="bad batch"):
-    for item, made in selection._Prefetch(items(), lambda x: x * 10):
+    for item, made in selection.Prefetch(items(), lambda x: x * 10):
       seen.append(made)
   assert seen == [10]
