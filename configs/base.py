@@ -77,6 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.beta = 0.5  # CMBCL bias strength: Q = (1-beta) U + beta B
   c.loss.bias = "cross_modal"  # form of B: cross_modal | same_modal
   c.loss.cmbcl_weight = 1.0  # lambda in L = L_clean + lambda L_CMBCL
+  c.loss.clean_negatives = "hardest"  # SREM clean triplet negatives: hardest | mean
+  c.loss.clean_reduction = "sum"  # SREM clean triplet over selected pairs: sum | mean
   c.loss.eps = 1e-6  # epsilon inside -log(1 - P + eps)
   c.loss.gmm_iters = 10  # epoch_gmm: EM iterations
   c.loss.gmm_tol = 1e-2  # epoch_gmm: EM tolerance on the log-likelihood

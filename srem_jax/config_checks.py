@@ -148,6 +148,8 @@ def validate_loss(loss_cfg) -> None:
     "name": (*losses.LOSS_NAMES, ncr.NAME),
     "selection": losses.SELECTIONS,
     "bias": losses.BIASES,
+    "clean_negatives": losses.NEGATIVES,
+    "clean_reduction": losses.REDUCTIONS,
   }
   for field, allowed in choices.items():
     value = loss_cfg[field] if field in loss_cfg else None

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 LOSS_NAMES = ("srem", "triplet_hardest", "ccl")
 SELECTIONS = ("batch", "epoch_gmm")
 BIASES = ("cross_modal", "same_modal")
+NEGATIVES = ("hardest", "mean")  # which negatives SREM's clean-pair triplet uses
+REDUCTIONS = ("sum", "mean")  # how it combines its selected anchors
 
 
 def batch_logits(S, tau):
@@ -81,25 +83,35 @@ def batch_clean_mask(S, tau, temp=1.0, quantile=0.5):
   return partner_top_i2t & partner_top_t2i & low_energy
 
 
-def triplet_hardest(S, margin=0.2, weights=None):
+def triplet_hardest(S, margin=0.2, weights=None, negatives="hardest"):
   """VSE++ max-violation triplet loss, summed over weighted anchors.
 
   Anchor i costs `[α - S_ii + max_{j≠i} S_ij]₊ + [α - S_ii + max_{j≠i} S_ji]₊`;
   the loss is `Σ_i weights_i · cost_i` (weights default to 1; 0 drops an
   anchor). A batch of one pair has no negative and costs nothing.
+  `negatives="mean"` replaces each max by the mean of the K-1 hinges, so an
+  anchor costs the same at equal scores (2α) and every negative gets gradient.
 
   Returns `(loss, {"per_anchor": (K,) unweighted costs})`.
   """
+  if negatives not in NEGATIVES:
+    raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
   K = S.shape[0]
   positive = jnp.diagonal(S)
   off_diagonal = ~jnp.eye(K, dtype=bool)
   # Clamping each violation before the max equals clamping the max, and the
   # zeroed diagonal then cannot win over a real negative.
-  caption_violation = jnp.maximum(margin - positive[:, None] + S, 0.0)
-  image_violation = jnp.maximum(margin - positive[None, :] + S, 0.0)
-  cost_i2t = jnp.where(off_diagonal, caption_violation, 0.0).max(axis=1)
-  cost_t2i = jnp.where(off_diagonal, image_violation, 0.0).max(axis=0)
-  per_anchor = cost_i2t + cost_t2i
+  caption_violation = jnp.where(
+    off_diagonal, jnp.maximum(margin - positive[:, None] + S, 0.0), 0.0
+  )
+  image_violation = jnp.where(
+    off_diagonal, jnp.maximum(margin - positive[None, :] + S, 0.0), 0.0
+  )
+  if negatives == "hardest":
+    per_anchor = caption_violation.max(axis=1) + image_violation.max(axis=0)
+  else:
+    count = max(K - 1, 1)
+    per_anchor = (caption_violation.sum(axis=1) + image_violation.sum(axis=0)) / count
   if weights is None:
     weights = jnp.ones_like(per_anchor)
   return jnp.sum(weights * per_anchor), {"per_anchor": per_anchor}
@@ -207,6 +219,8 @@ def objective(
   bias="cross_modal",
   cmbcl_weight=1.0,
   eps=1e-6,
+  clean_negatives="hardest",
+  clean_reduction="sum",
   clean=None,
 ):
   """The training loss selected by `name`, with per-sample diagnostics.
@@ -214,7 +228,11 @@ def objective(
   - "srem": `L = Σ_{clean} w_i · triplet_i + cmbcl_weight · CMBCL(β)`. `clean`
     (a (K,) bool from the epoch-level GMM) replaces the batch mask;
     `use_filtration=False` counts every pair clean; `use_entropy_weight=False`
-    sets w = 1; `use_cmbcl=False` drops the complementary term. With
+    sets w = 1; `use_cmbcl=False` drops the complementary term.
+    `clean_negatives="mean"` averages the triplet's hinges over the
+    negatives instead of taking the hardest; `clean_reduction="mean"`
+    divides the clean term by the number of selected pairs (at least 1),
+    which puts it on CMBCL's per-anchor scale. With
     `warmup=True` (a Python bool) it is CMBCL with β = 0 on all pairs.
   - "triplet_hardest": the hardest-negative triplet on all pairs.
   - "ccl": RCL's complementary loss (β = 0) on all pairs.
@@ -244,7 +262,12 @@ def objective(
     else:
       mask = batch_clean_mask(S_fixed, tau, energy_temp, clean_quantile)
     weight = entropy_weight(entropy, K) if use_entropy_weight else unit_weight
-    loss_clean, _ = triplet_hardest(S, margin, weights=mask.astype(S.dtype) * weight)
+    selected = mask.astype(S.dtype)
+    loss_clean, _ = triplet_hardest(S, margin, selected * weight, clean_negatives)
+    if clean_reduction == "mean":
+      loss_clean = loss_clean / jnp.maximum(jnp.sum(selected), 1.0)
+    elif clean_reduction != "sum":
+      raise ValueError(f"clean_reduction must be one of {REDUCTIONS}")
     if use_cmbcl:
       loss_cmbcl, _ = complementary_loss(S, tau, beta, bias, eps)
     else:

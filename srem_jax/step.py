@@ -171,7 +171,8 @@ def batch_scores(model, params, batch_stats, batch, *, train, rng, mesh):
 def loss_options(loss_cfg) -> dict:
   keys = (
     "name tau energy_temp margin clean_quantile use_filtration "
-    "use_entropy_weight use_cmbcl beta bias cmbcl_weight eps"
+    "use_entropy_weight use_cmbcl beta bias cmbcl_weight eps clean_negatives "
+    "clean_reduction"
   ).split()
   return {k: loss_cfg[k] for k in keys}
 

@@ -47,6 +47,14 @@ ABLATIONS = {
   "srem beta=0": {"loss.beta": 0.0},
   "srem w/o CMBCL": {"loss.use_cmbcl": False},
 }
+# One factor of SREM's clean-sample phase changed at a time (with the "beta=0"
+# ablation): which of them lets SREM keep improving after warm-up as ccl does.
+CLEAN_PHASE = {
+  "srem mean-reduced triplet": {"loss.clean_reduction": "mean"},
+  "srem mean negatives": {"loss.clean_negatives": "mean"},
+  "srem margin=0.05": {"loss.margin": 0.05},
+  "srem no LR drop": {"train.lr_decay_factor": 1.0},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +75,11 @@ class Setting:
     return f"{self.protocol}{self.ratio:g}_{method}_s{seed}".lower()
 
 
-def plan(ratios, methods, image_ratios=(0.4,), ablation_ratios=(0.6,)) -> list[Setting]:
-  """Every setting, in run order; SREM's ablations at each of `ablation_ratios`."""
+def plan(
+  ratios, methods, image_ratios=(0.4,), ablation_ratios=(0.6,), clean_phase_ratios=()
+) -> list[Setting]:
+  """Every setting, in run order; SREM's ablations at each of `ablation_ratios`
+  and its clean-phase factors (`CLEAN_PHASE`) at each of `clean_phase_ratios`."""
   settings = [
     Setting("caption", r, m, (("loss.name", m),)) for r in ratios for m in methods
   ]
@@ -80,6 +91,11 @@ def plan(ratios, methods, image_ratios=(0.4,), ablation_ratios=(0.6,)) -> list[S
       Setting("caption", r, name, tuple(fields.items()))
       for r in ablation_ratios
       for name, fields in ABLATIONS.items()
+    ]
+    settings += [
+      Setting("caption", r, name, tuple(fields.items()))
+      for r in clean_phase_ratios
+      for name, fields in CLEAN_PHASE.items()
     ]
   return settings
 
@@ -186,6 +202,7 @@ class RunSummary:
   last_train: dict
   train_epochs: list
   warmup_epochs: int
+  val_epochs: list = dataclasses.field(default_factory=list)
 
 
 def load_run(workdir: str) -> RunSummary:
@@ -200,6 +217,7 @@ def load_run(workdir: str) -> RunSummary:
     warmup_epochs=max(
       (int(r["epoch"]) for r in train_rows if r.get("warmup")), default=0
     ),
+    val_epochs=plots.by_epoch(records, "val"),
   )
 
 
@@ -218,18 +236,33 @@ def _cell(values, spec: str, with_spread: bool) -> str:
   return f"{mean:{spec}} ± {std:{spec}}" if with_spread else f"{mean:{spec}}"
 
 
-def table(settings, seeds, runs: dict) -> str:
+def _val_at(run: RunSummary, epoch: int):
+  return next((r.get("rsum") for r in run.val_epochs if int(r["epoch"]) == epoch), None)
+
+
+def table(settings, seeds, runs: dict, warmup_epochs: int = 0) -> str:
+  """One row per setting; with `warmup_epochs` > 0 a column of validation rSum
+  after that many epochs (where SREM's and NCR's warm-ups end)."""
   spread = len(seeds) > 1
+  warm_head, warm_rule = (
+    (f" val rSum @{warmup_epochs} |", "---:|") if warmup_epochs > 0 else ("", "")
+  )
   lines = [
-    "| setting | method | test rSum | i2t R@1 | t2i R@1 | sel. precision | sel. recall |",
-    "|---|---|---:|---:|---:|---:|---:|",
+    f"| setting | method |{warm_head} test rSum | i2t R@1 | t2i R@1 "
+    "| sel. precision | sel. recall |",
+    f"|---|---|{warm_rule}---:|---:|---:|---:|---:|",
   ]
   for s in settings:
     group = [runs[s, seed] for seed in seeds]
     test = lambda k: [r.test.get(k) for r in group]
     last = lambda k: [r.last_train.get(k) for r in group]
+    warm = (
+      f" {_cell([_val_at(r, warmup_epochs) for r in group], '.1f', spread)} |"
+      if warmup_epochs > 0
+      else ""
+    )
     lines.append(
-      f"| {s.label} | {s.method} | {_cell(test('rsum'), '.1f', spread)} "
+      f"| {s.label} | {s.method} |{warm} {_cell(test('rsum'), '.1f', spread)} "
       f"| {_cell(test('i2t_r1'), '.1f', spread)} | {_cell(test('t2i_r1'), '.1f', spread)} "
       f"| {_cell(last('selection_precision'), '.3f', spread)} "
       f"| {_cell(last('selection_recall'), '.3f', spread)} |"
@@ -237,11 +270,11 @@ def table(settings, seeds, runs: dict) -> str:
   return "\n".join(lines)
 
 
-def _mean_curve(group: list[RunSummary], key: str):
-  """(epochs, mean over seeds) of a per-epoch train metric."""
+def _mean_curve(group: list[RunSummary], key: str, split: str = "train"):
+  """(epochs, mean over seeds) of a per-epoch train (or val) metric."""
   by_epoch = {}
   for run in group:
-    for row in run.train_epochs:
+    for row in run.val_epochs if split == "val" else run.train_epochs:
       if key in row:
         by_epoch.setdefault(int(row["epoch"]), []).append(row[key])
   epochs = sorted(by_epoch)
@@ -297,6 +330,32 @@ def selection_figure(path, settings, seeds, runs) -> str | None:
   ]
   warm = max(r.warmup_epochs for g in groups.values() for r in g)
   return plots.line_panels(path, "SREM clean-sample selection per epoch", panels, warm)
+
+
+def clean_phase_figure(path, settings, seeds, runs) -> str | None:
+  """Validation rSum per epoch at the first ratio with clean-phase factors:
+  SREM, ccl, SREM with beta=0 and each factor, mean over seeds."""
+  ratios = [s.ratio for s in settings if s.method in CLEAN_PHASE]
+  if not ratios:
+    return None
+  shown = ("srem", "ccl", "srem beta=0", *CLEAN_PHASE)
+  cells = [
+    s
+    for s in settings
+    if s.protocol == "caption" and s.ratio == ratios[0] and s.method in shown
+  ]
+  curves = {
+    s.method: _mean_curve([runs[s, seed] for seed in seeds], "rsum", "val")
+    for s in cells
+  }
+  warm = max(runs[s, seed].warmup_epochs for s in cells for seed in seeds)
+  return plots.line_panels(
+    path,
+    f"SREM's clean phase, caption {round(ratios[0] * 100)}% noise: one factor "
+    f"changed at a time (mean of {len(seeds)} seed(s))",
+    [("validation rSum", "rSum", curves)],
+    warm,
+  )
 
 
 def energy_cell(settings, ratio: float) -> Setting | None:
@@ -381,6 +440,9 @@ def write_report(out_dir, base, settings, seeds, command: str, energy_ratio=0.4)
       runs,
       energy_ratio,
     ),
+    clean_phase_figure(
+      os.path.join(out_dir, "clean_phase_srem.png"), settings, seeds, runs
+    ),
   ]
   cell = energy_cell(settings, energy_ratio)
   if cell is not None:
@@ -407,10 +469,15 @@ def write_report(out_dir, base, settings, seeds, command: str, energy_ratio=0.4)
     f"({base.train.warmup_epochs} warm-up for SREM), batch {base.train.batch_size}",
     "- selection precision/recall: last training epoch, against the true noise "
     "(baselines train on every pair: precision = the clean fraction, recall = 1)",
+    f"- val rSum @{base.train.warmup_epochs}: validation rSum after "
+    f"{base.train.warmup_epochs} epochs, where SREM's and NCR's warm-ups end"
+    if base.train.warmup_epochs > 0
+    else "",
     "",
   ]
   images = [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figures if p]
-  text = "\n".join(header + [table(settings, seeds, runs), ""] + images) + "\n"
+  rows = table(settings, seeds, runs, base.train.warmup_epochs)
+  text = "\n".join(header + [rows, ""] + images) + "\n"
   path = os.path.join(out_dir, "study.md")
   with open(path + ".tmp", "w") as f:
     f.write(text)
@@ -441,6 +508,12 @@ _IMAGE_RATIOS = flags.DEFINE_list("image_ratios", "0.4", "Image-level noise rati
 _ABLATIONS = flags.DEFINE_bool("ablations", True, "Add the SREM ablations.")
 _ABLATION_RATIOS = flags.DEFINE_list(
   "ablation_ratios", "0.6", "Caption noise ratios of the SREM ablations."
+)
+_CLEAN_PHASE_RATIOS = flags.DEFINE_list(
+  "clean_phase_ratios",
+  "",
+  "Caption noise ratios at which to train SREM with each clean-phase factor "
+  f"changed ({'; '.join(CLEAN_PHASE)}).",
 )
 _EPOCHS = flags.DEFINE_integer(
   "epochs", 10, "Epochs per run; warm-up and LR decay start at 60% of them."
@@ -482,6 +555,7 @@ def main(argv):
     [m for m in METHODS if m in _METHODS.value],
     _ratios(_IMAGE_RATIOS),
     _ratios(_ABLATION_RATIOS) if _ABLATIONS.value else (),
+    _ratios(_CLEAN_PHASE_RATIOS),
   )
   # Runs of one method differ only in data, so their compiled steps are
   # identical: a persistent cache compiles each once per study, not per run.

@@ -87,6 +87,20 @@ def ref_triplet(S, margin, weights=None):
   return total
 
 
+def ref_triplet_mean_negatives(S, margin, weights=None):
+  K = len(S)
+  weights = np.ones(K) if weights is None else weights
+  total = 0.0
+  for i in range(K):
+    negatives = [j for j in range(K) if j != i]
+    if not negatives:
+      continue
+    cost = sum(max(0, margin - S[i, i] + S[i, j]) for j in negatives)
+    cost += sum(max(0, margin - S[i, i] + S[j, i]) for j in negatives)
+    total += weights[i] * cost / len(negatives)
+  return total
+
+
 def ref_complementary(S, tau, beta, bias, eps):
   K = len(S)
   p_i2t, p_t2i = ref_softmax_rows(S / tau), ref_softmax_rows(S.T / tau)
@@ -388,10 +402,59 @@ def test_default_loss_config_is_valid():
   config_checks.validate_loss(base.get_config().loss)
 
 
+@pytest.mark.parametrize("K", SIZES)
+def test_mean_negative_triplet_matches_reference(K):
+  S = random_sims(K, seed=21)
+  weights = np.linspace(0.0, 1.0, K)
+  loss, aux = losses.triplet_hardest(
+    jnp.asarray(S), 0.2, jnp.asarray(weights), negatives="mean"
+  )
+  assert_close(loss, ref_triplet_mean_negatives(S, 0.2, weights))
+  assert_close(float(np.sum(aux["per_anchor"])), ref_triplet_mean_negatives(S, 0.2))
+  # At equal scores every hinge is the margin, as with the hardest negative.
+  if K > 1:
+    _, flat = losses.triplet_hardest(jnp.full((K, K), 0.5), 0.2, negatives="mean")
+    np.testing.assert_allclose(flat["per_anchor"], 0.4, rtol=1e-6)
+
+
+def test_clean_triplet_switches_in_the_objective():
+  S = random_sims(8, seed=22)
+  Sj = jnp.asarray(S)
+  given = np.array([1, 0, 1, 1, 0, 0, 1, 0], bool)
+  _, aux = losses.objective(Sj, clean=jnp.asarray(given), use_cmbcl=False)
+  weight = np.asarray(aux["weight"])
+  expected_sum = ref_triplet(S, 0.2, given * weight)
+
+  loss, _ = losses.objective(
+    Sj, clean=jnp.asarray(given), use_cmbcl=False, clean_reduction="mean"
+  )
+  assert_close(loss, expected_sum / given.sum())
+
+  loss, _ = losses.objective(
+    Sj, clean=jnp.asarray(given), use_cmbcl=False, clean_negatives="mean"
+  )
+  assert_close(loss, ref_triplet_mean_negatives(S, 0.2, given * weight))
+
+  # No selected pair: the mean-reduced clean term is zero, not NaN.
+  loss, _ = losses.objective(
+    Sj, clean=jnp.zeros(8, bool), use_cmbcl=False, clean_reduction="mean"
+  )
+  assert float(loss) == 0.0
+
+  # The switches change only SREM's clean term.
+  base_loss, _ = losses.objective(Sj, name="triplet_hardest")
+  switched, _ = losses.objective(
+    Sj, name="triplet_hardest", clean_negatives="mean", clean_reduction="mean"
+  )
+  assert float(switched) == float(base_loss)
+
+
 @pytest.mark.parametrize(
   "field,value",
   [
     ("name", "vse"),
+    ("clean_negatives", "semi"),
+    ("clean_reduction", "max"),
     ("selection", "gmm"),
     ("bias", "other"),
     ("tau", 0.0),

@@ -49,6 +49,26 @@ def test_default_plan_has_every_setting_once():
   ]
 
 
+def test_clean_phase_factors_change_one_field_each():
+  settings = study.plan([0.6], ["srem", "ccl"], [], [0.6], [0.6])
+  factors = [s for s in settings if s.method in study.CLEAN_PHASE]
+  assert [s.method for s in factors] == list(study.CLEAN_PHASE)
+  base = tiny_base()
+  for setting in factors:
+    config = study.run_config(base, setting, seed=1, data_dir="/d")
+    changed = {
+      f"{group}.{field}"
+      for group in ("loss", "train")
+      for field in base[group]
+      if config[group][field] != base[group][field]
+    }
+    assert changed == {key for key, _ in setting.overrides} | {"train.seed"}
+    assert config.loss.name == "srem" and config.noise.ratio == 0.6
+  no_drop = study.run_config(base, factors[-1], seed=0, data_dir="/d")
+  assert no_drop.train.lr_decay_factor == 1.0 and no_drop.name.endswith("no_lr_drop_s0")
+  assert study.plan([0.6], ["ccl"], [], [], [0.6]) == study.plan([0.6], ["ccl"], [], [])
+
+
 def test_table_cells_are_mean_and_sample_std_over_seeds():
   setting = study.Setting("caption", 0.4, "srem")
   runs = {
@@ -72,6 +92,17 @@ def test_table_cells_are_mean_and_sample_std_over_seeds():
     "0.550 ± 0.071",
     "-",
   ]
+  # With a warm-up, a column of validation rSum after it (missing epochs: "-").
+  runs[setting, 0].val_epochs = [{"epoch": 2, "rsum": 30.0}, {"epoch": 3, "rsum": 50}]
+  runs[setting, 1].val_epochs = [{"epoch": 3, "rsum": 70.0}]
+  lines = study.table([setting], [0, 1], runs, warmup_epochs=3).splitlines()
+  assert "| val rSum @3 |" in lines[0] and lines[1].count("---:") == 6
+  assert [c.strip() for c in lines[2].strip("|").split("|")][2:4] == [
+    "60.0 ± 14.1",
+    "150.0 ± 70.7",
+  ]
+  runs[setting, 1].val_epochs = []
+  assert "| 50.0 ± 0.0 |" in study.table([setting], [0, 1], runs, 3)
 
 
 TINY_FLAGS = [
@@ -130,9 +161,20 @@ def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
   ]
   for run in ("caption0_srem_s0", "caption0.6_srem_s0"):  # run in worker processes
     assert "val rSum" in (out / "runs" / f"{run}.log").read_text()
+  head = [c.strip() for c in text.split("| setting |")[1].splitlines()[0].split("|")]
+  test_col, warm_col = head.index("test rSum") + 2, head.index("val rSum @1") + 2
   for row, run in zip(rows, ("caption0_srem_s0", "caption0.6_srem_s0")):
     saved = json.loads((out / "runs" / run / "results.json").read_text())
-    assert float(row.split("|")[3]) == round(saved["test"]["rsum"], 1)
+    assert float(row.split("|")[test_col]) == round(saved["test"]["rsum"], 1)
+    first_val = json.loads(
+      next(
+        line
+        for line in (out / "runs" / run / "metrics.jsonl").read_text().splitlines()
+        if '"split": "val"' in line
+      )
+    )
+    assert first_val["epoch"] == 1
+    assert float(row.split("|")[warm_col]) == round(first_val["rsum"], 1)
     assert saved["config"]["train"]["epochs"] == 2
   figures = ("rsum_vs_noise.png", "selection_srem.png", "energy_entropy_srem.png")
   for name in (*figures, "energy_entropy_hist_srem.png"):
