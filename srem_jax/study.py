@@ -1,18 +1,20 @@
 """Noise-robustness study: SREM against its baselines and ablations.
 
 On one synthetic dataset (generated once into `<out>/data`), trains SREM,
-`triplet_hardest` and `ccl` at each caption-level noise ratio and at
+`triplet_hardest`, `ccl` and NCR at each caption-level noise ratio and at
 image-level noise, plus SREM ablations, for each seed. Every run is a normal
 workdir `<out>/runs/<name>`: a finished run (it has results.json) is skipped
 and a half-finished one resumes, so an interrupted study is finished by
 rerunning the same command. The summary is `<out>/study.md` (a table of
 mean ± standard deviation over seeds) with PNG figures beside it.
 
-The default (600 synthetic training images x 5 captions, 10 epochs, 22 runs,
-1 seed, 2 runs at a time) takes about half an hour on 2 CPU cores; with fewer
-images or epochs the model does not get past its initial plateau, and at
-60-80% noise even 10 epochs are not enough (see docs/study/). Scale up with
---num_train/--epochs (or any --config.a.b=v) when there is time:
+The default (600 synthetic training images x 5 captions, 10 epochs, 1 seed,
+2 runs at a time) is a quick look; docs/study/v2/ has the 3-seed, 14-epoch
+study and its command. With fewer images or epochs the model does not get
+past its initial plateau. `--clean_phase_ratios` adds SREM with one factor of
+its clean-sample phase changed (`CLEAN_PHASE`); `--report_only` writes the
+table from the runs finished so far. Scale up with --num_train/--epochs (or
+any --config.a.b=v) when there is time:
 
     python -m srem_jax.study --out=studies/noise [--seeds=3] [--jobs=2] \
         [--ratios=0,0.2,0.4,0.6,0.8] [--methods=srem,ccl] [--epochs=10]
@@ -236,16 +238,29 @@ def _cell(values, spec: str, with_spread: bool) -> str:
   return f"{mean:{spec}} ± {std:{spec}}" if with_spread else f"{mean:{spec}}"
 
 
+def _group(runs: dict, setting: Setting, seeds) -> list[RunSummary]:
+  """The finished runs of `setting`, in seed order."""
+  return [runs[setting, seed] for seed in seeds if (setting, seed) in runs]
+
+
 def _val_at(run: RunSummary, epoch: int):
   return next((r.get("rsum") for r in run.val_epochs if int(r["epoch"]) == epoch), None)
 
 
+# A run counts as past its initial plateau when validation rSum is at least
+# this: about three times chance (32 for 100 images x 500 captions).
+PLATEAU_BAR = 100.0
+
+
 def table(settings, seeds, runs: dict, warmup_epochs: int = 0) -> str:
   """One row per setting; with `warmup_epochs` > 0 a column of validation rSum
-  after that many epochs (where SREM's and NCR's warm-ups end)."""
+  after that many epochs (where SREM's and NCR's warm-ups end) and how many
+  seeds were at or above `PLATEAU_BAR` then."""
   spread = len(seeds) > 1
   warm_head, warm_rule = (
-    (f" val rSum @{warmup_epochs} |", "---:|") if warmup_epochs > 0 else ("", "")
+    (f" val rSum @{warmup_epochs} (seeds ≥ {PLATEAU_BAR:g}) |", "---:|")
+    if warmup_epochs > 0
+    else ("", "")
   )
   lines = [
     f"| setting | method |{warm_head} test rSum | i2t R@1 | t2i R@1 "
@@ -253,14 +268,19 @@ def table(settings, seeds, runs: dict, warmup_epochs: int = 0) -> str:
     f"|---|---|{warm_rule}---:|---:|---:|---:|---:|",
   ]
   for s in settings:
-    group = [runs[s, seed] for seed in seeds]
+    group = _group(runs, s, seeds)
+    if not group:
+      lines.append(
+        f"| {s.label} | {s.method} | not trained yet |{' |' * (5 if warm_head else 4)}"
+      )
+      continue
     test = lambda k: [r.test.get(k) for r in group]
     last = lambda k: [r.last_train.get(k) for r in group]
-    warm = (
-      f" {_cell([_val_at(r, warmup_epochs) for r in group], '.1f', spread)} |"
-      if warmup_epochs > 0
-      else ""
-    )
+    warm = ""
+    if warmup_epochs > 0:
+      values = [_val_at(r, warmup_epochs) for r in group]
+      past = sum(v is not None and plots.as_float(v) >= PLATEAU_BAR for v in values)
+      warm = f" {_cell(values, '.1f', spread)} ({past}/{len(group)}) |"
     lines.append(
       f"| {s.label} | {s.method} |{warm} {_cell(test('rsum'), '.1f', spread)} "
       f"| {_cell(test('i2t_r1'), '.1f', spread)} | {_cell(test('t2i_r1'), '.1f', spread)} "
@@ -268,6 +288,39 @@ def table(settings, seeds, runs: dict, warmup_epochs: int = 0) -> str:
       f"| {_cell(last('selection_recall'), '.3f', spread)} |"
     )
   return "\n".join(lines)
+
+
+def paired_table(settings, seeds, runs: dict) -> str | None:
+  """Test rSum of each setting minus SREM's at the same noise and seed (same
+  data, noise and initialisation; SREM and ccl also share their warm-up), mean
+  ± std over seeds, with the per-seed differences."""
+  reference = {(s.protocol, s.ratio): s for s in settings if s.method == "srem"}
+  rows = []
+  for s in settings:
+    ref = reference.get((s.protocol, s.ratio))
+    if ref is None or s is ref:
+      continue
+    diffs = {
+      seed: plots.as_float(runs[s, seed].test.get("rsum"))
+      - plots.as_float(runs[ref, seed].test.get("rsum"))
+      for seed in seeds
+      if (s, seed) in runs and (ref, seed) in runs
+    }
+    if not diffs:
+      continue
+    mean, std = _mean_std(diffs.values())
+    each = " / ".join(f"{diffs[seed]:+.1f}" if seed in diffs else "—" for seed in seeds)
+    rows.append(f"| {s.label} | {s.method} | {mean:+.1f} ± {std:.1f} | {each} |")
+  if not rows:
+    return None
+  seeds_text = " / ".join(map(str, seeds))
+  return "\n".join(
+    [
+      f"| setting | method | test rSum − SREM's | per seed ({seeds_text}) |",
+      "|---|---|---:|---:|",
+      *rows,
+    ]
+  )
 
 
 def _mean_curve(group: list[RunSummary], key: str, split: str = "train"):
@@ -292,8 +345,11 @@ def rsum_figure(path, settings, seeds, runs) -> str | None:
       cells = [s for s in settings if s.method == method and s.protocol == protocol]
       if not cells:
         continue
+      cells = [s for s in cells if _group(runs, s, seeds)]
+      if not cells:
+        continue
       stats = [
-        _mean_std(runs[s, seed].test.get("rsum") for seed in seeds) for s in cells
+        _mean_std(r.test.get("rsum") for r in _group(runs, s, seeds)) for s in cells
       ]
       ax.errorbar(
         [100 * s.ratio for s in cells],
@@ -320,7 +376,10 @@ def selection_figure(path, settings, seeds, runs) -> str | None:
   cells = [s for s in settings if s.method == "srem" and s.protocol == "caption"]
   if not cells:
     return None
-  groups = {s.label: [runs[s, seed] for seed in seeds] for s in cells}
+  groups = {s.label: _group(runs, s, seeds) for s in cells}
+  groups = {label: g for label, g in groups.items() if g}
+  if not groups:
+    return None
   panels = [
     (title, "fraction", {label: _mean_curve(g, key) for label, g in groups.items()})
     for title, key in (
@@ -345,10 +404,13 @@ def clean_phase_figure(path, settings, seeds, runs) -> str | None:
     if s.protocol == "caption" and s.ratio == ratios[0] and s.method in shown
   ]
   curves = {
-    s.method: _mean_curve([runs[s, seed] for seed in seeds], "rsum", "val")
+    s.method: _mean_curve(_group(runs, s, seeds), "rsum", "val")
     for s in cells
+    if _group(runs, s, seeds)
   }
-  warm = max(runs[s, seed].warmup_epochs for s in cells for seed in seeds)
+  warm = max(
+    (r.warmup_epochs for s in cells for r in _group(runs, s, seeds)), default=0
+  )
   return plots.line_panels(
     path,
     f"SREM's clean phase, caption {round(ratios[0] * 100)}% noise: one factor "
@@ -372,7 +434,9 @@ def energy_figure(path, settings, seeds, runs, ratio: float) -> str | None:
   cell = energy_cell(settings, ratio)
   if cell is None:
     return None
-  group = [runs[cell, seed] for seed in seeds]
+  group = _group(runs, cell, seeds)
+  if not group:
+    return None
   panels = [
     (title, title, {g: _mean_curve(group, f"{key}_{g}") for g in ("clean", "noisy")})
     for title, key in (("energy", "energy"), ("swapped entropy", "entropy"))
@@ -423,11 +487,13 @@ def pair_histogram_figure(path, out_dir, base, setting, seed) -> str | None:
 
 def write_report(out_dir, base, settings, seeds, command: str, energy_ratio=0.4) -> str:
   """Writes study.md and its figures from the finished runs; returns its path."""
-  runs = {
-    (s, seed): load_run(os.path.join(out_dir, "runs", s.run_name(seed)))
-    for s in settings
-    for seed in seeds
-  }
+  runs = {}
+  for s in settings:
+    for seed in seeds:
+      workdir = os.path.join(out_dir, "runs", s.run_name(seed))
+      if os.path.isfile(os.path.join(workdir, "results.json")):
+        runs[s, seed] = load_run(workdir)
+  unfinished = len(settings) * len(seeds) - len(runs)
   figures = [
     rsum_figure(os.path.join(out_dir, "rsum_vs_noise.png"), settings, seeds, runs),
     selection_figure(
@@ -445,7 +511,7 @@ def write_report(out_dir, base, settings, seeds, command: str, energy_ratio=0.4)
     ),
   ]
   cell = energy_cell(settings, energy_ratio)
-  if cell is not None:
+  if cell is not None and (cell, seeds[0]) in runs:
     figures.append(
       pair_histogram_figure(
         os.path.join(out_dir, "energy_entropy_hist_srem.png"),
@@ -469,15 +535,25 @@ def write_report(out_dir, base, settings, seeds, command: str, energy_ratio=0.4)
     f"({base.train.warmup_epochs} warm-up for SREM), batch {base.train.batch_size}",
     "- selection precision/recall: last training epoch, against the true noise "
     "(baselines train on every pair: precision = the clean fraction, recall = 1)",
+    f"- unfinished: {unfinished} of {len(settings) * len(seeds)} runs (rows "
+    "average the finished seeds; rerun the command to train the rest)"
+    if unfinished
+    else None,
     f"- val rSum @{base.train.warmup_epochs}: validation rSum after "
-    f"{base.train.warmup_epochs} epochs, where SREM's and NCR's warm-ups end"
+    f"{base.train.warmup_epochs} epochs, where SREM's and NCR's warm-ups end; "
+    f"in brackets the seeds at or above {PLATEAU_BAR:g} (about 3x chance), "
+    "i.e. past the initial plateau"
     if base.train.warmup_epochs > 0
-    else "",
+    else None,
     "",
   ]
+  header = [line for line in header if line is not None]
   images = [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figures if p]
-  rows = table(settings, seeds, runs, base.train.warmup_epochs)
-  text = "\n".join(header + [rows, ""] + images) + "\n"
+  body = [table(settings, seeds, runs, base.train.warmup_epochs), ""]
+  paired = paired_table(settings, seeds, runs)
+  if paired is not None:
+    body += ["Paired by seed:", "", paired, ""]
+  text = "\n".join(header + body + images) + "\n"
   path = os.path.join(out_dir, "study.md")
   with open(path + ".tmp", "w") as f:
     f.write(text)
@@ -485,8 +561,14 @@ def write_report(out_dir, base, settings, seeds, command: str, energy_ratio=0.4)
   return path
 
 
-def run_study(base, out_dir: str, settings, seeds, command: str, jobs: int = 1) -> str:
-  run_all(base, out_dir, settings, seeds, jobs)
+def run_study(
+  base, out_dir: str, settings, seeds, command: str, jobs: int = 1, train: bool = True
+) -> str:
+  """Trains what is unfinished (unless `train` is False), then writes the report."""
+  if train:
+    run_all(base, out_dir, settings, seeds, jobs)
+  else:
+    _check_same_data(out_dir, base)
   return write_report(out_dir, base, settings, seeds, command)
 
 
@@ -514,6 +596,12 @@ _CLEAN_PHASE_RATIOS = flags.DEFINE_list(
   "",
   "Caption noise ratios at which to train SREM with each clean-phase factor "
   f"changed ({'; '.join(CLEAN_PHASE)}).",
+)
+_REPORT_ONLY = flags.DEFINE_bool(
+  "report_only",
+  False,
+  "Write study.md from the runs finished so far, training nothing (a study run "
+  "in parts); unfinished runs are counted in its header.",
 )
 _EPOCHS = flags.DEFINE_integer(
   "epochs", 10, "Epochs per run; warm-up and LR decay start at 60% of them."
@@ -564,7 +652,9 @@ def main(argv):
   )
   command = "python -m srem_jax.study " + shlex.join(sys.argv[1:])
   seeds = list(range(_SEEDS.value))
-  path = run_study(base, _OUT.value, settings, seeds, command, _JOBS.value)
+  path = run_study(
+    base, _OUT.value, settings, seeds, command, _JOBS.value, not _REPORT_ONLY.value
+  )
   print(f"study written to {path}", flush=True)
 
 

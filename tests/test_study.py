@@ -96,13 +96,43 @@ def test_table_cells_are_mean_and_sample_std_over_seeds():
   runs[setting, 0].val_epochs = [{"epoch": 2, "rsum": 30.0}, {"epoch": 3, "rsum": 50}]
   runs[setting, 1].val_epochs = [{"epoch": 3, "rsum": 70.0}]
   lines = study.table([setting], [0, 1], runs, warmup_epochs=3).splitlines()
-  assert "| val rSum @3 |" in lines[0] and lines[1].count("---:") == 6
+  assert "| val rSum @3 (seeds ≥ 100) |" in lines[0] and lines[1].count("---:") == 6
   assert [c.strip() for c in lines[2].strip("|").split("|")][2:4] == [
-    "60.0 ± 14.1",
+    "60.0 ± 14.1 (0/2)",
     "150.0 ± 70.7",
   ]
+  runs[setting, 1].val_epochs = [{"epoch": 3, "rsum": 100.0}]
+  assert "| 75.0 ± 35.4 (1/2) |" in study.table([setting], [0, 1], runs, 3)
   runs[setting, 1].val_epochs = []
-  assert "| 50.0 ± 0.0 |" in study.table([setting], [0, 1], runs, 3)
+  assert "| 50.0 ± 0.0 (0/2) |" in study.table([setting], [0, 1], runs, 3)
+
+
+def test_paired_table_subtracts_srem_of_the_same_noise_and_seed():
+  srem, ccl = (
+    study.Setting("caption", 0.4, "srem"),
+    study.Setting("caption", 0.4, "ccl"),
+  )
+  other = study.Setting("caption", 0.2, "ccl")  # no SREM at 20%: no row
+  rsums = {srem: (100.0, 300.0, 200.0), ccl: (110.0, 290.0, 230.0), other: (1, 2, 3)}
+  runs = {
+    (s, seed): study.RunSummary({"rsum": v}, {}, [], 0)
+    for s, values in rsums.items()
+    for seed, v in enumerate(values)
+  }
+  lines = study.paired_table([srem, ccl, other], [0, 1, 2], runs).splitlines()
+  # Differences +10, -10, +30: mean 10, sample std 20.
+  assert lines[2:] == ["| caption 40% | ccl | +10.0 ± 20.0 | +10.0 / -10.0 / +30.0 |"]
+  assert study.paired_table([other], [0, 1, 2], runs) is None
+  # A study run in parts: a seed not trained yet is a dash, a setting with no
+  # finished seed a row that says so, with the table's number of columns.
+  del runs[ccl, 1]
+  lines = study.paired_table([srem, ccl], [0, 1, 2], runs).splitlines()
+  assert lines[2:] == ["| caption 40% | ccl | +20.0 ± 14.1 | +10.0 / — / +30.0 |"]
+  missing = study.Setting("image", 0.4, "srem")
+  for warmup in (0, 8):
+    lines = study.table([srem, missing], [0, 1, 2], runs, warmup).splitlines()
+    assert lines[3].startswith("| image 40% | srem | not trained yet |")
+    assert lines[3].count("|") == lines[2].count("|") == lines[0].count("|")
 
 
 TINY_FLAGS = [
@@ -162,7 +192,8 @@ def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
   for run in ("caption0_srem_s0", "caption0.6_srem_s0"):  # run in worker processes
     assert "val rSum" in (out / "runs" / f"{run}.log").read_text()
   head = [c.strip() for c in text.split("| setting |")[1].splitlines()[0].split("|")]
-  test_col, warm_col = head.index("test rSum") + 2, head.index("val rSum @1") + 2
+  test_col = head.index("test rSum") + 2
+  warm_col = head.index("val rSum @1 (seeds ≥ 100)") + 2
   for row, run in zip(rows, ("caption0_srem_s0", "caption0.6_srem_s0")):
     saved = json.loads((out / "runs" / run / "results.json").read_text())
     assert float(row.split("|")[test_col]) == round(saved["test"]["rsum"], 1)
@@ -174,7 +205,9 @@ def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
       )
     )
     assert first_val["epoch"] == 1
-    assert float(row.split("|")[warm_col]) == round(first_val["rsum"], 1)
+    value, seeds_past = row.split("|")[warm_col].split()
+    assert float(value) == round(first_val["rsum"], 1)
+    assert seeds_past == f"({int(first_val['rsum'] >= 100)}/1)"
     assert saved["config"]["train"]["epochs"] == 2
   figures = ("rsum_vs_noise.png", "selection_srem.png", "energy_entropy_srem.png")
   for name in (*figures, "energy_entropy_hist_srem.png"):
@@ -190,6 +223,14 @@ def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
   assert [r for r in again.splitlines() if r.startswith("|")] == [
     r for r in text.splitlines() if r.startswith("|")
   ]
+  # Reporting only: a setting not trained yet is counted, nothing is trained.
+  extra = study.Setting("caption", 0.2, "srem", (("loss.name", "srem"),))
+  partial = open(
+    study.run_study(base, str(out), [*settings, extra], [0], "part", train=False)
+  ).read()
+  assert "- unfinished: 1 of 3 runs" in partial
+  assert "| caption 20% | srem | not trained yet |" in partial
+  assert not (out / "runs" / extra.run_name(0)).exists()
   base.data.synthetic.num_train = 30
   with pytest.raises(study.UserError, match="data.json: .*num_train differ"):
     study.run_study(base, str(out), settings, [0], "again")
