@@ -15,7 +15,7 @@ compilation, final test) is beside them.
     python benchmarks/method_time.py --size=demo --out=/tmp/method_time
     python benchmarks/method_time.py --size=paper --out=/tmp/method_time_paper
 
-`--size=demo` is configs/demo.py (its 10 epochs unless --epochs); `--size=paper`
+`--size=demo` is configs/demo.py (its epochs unless --epochs); `--size=paper`
 puts the paper's SGRAF dimensions (2048-d regions, 36 per image, 1024-d
 embeddings, 300-d words, 256-d similarity nodes) on a synthetic set of
 `--images` training images (5 captions each; 64 at batch 32 is 10 steps an
