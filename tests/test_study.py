@@ -53,6 +53,10 @@ def test_clean_phase_factors_change_one_field_each():
   settings = study.plan([0.6], ["srem", "ccl"], [], [0.6], [0.6])
   factors = [s for s in settings if s.method in study.CLEAN_PHASE]
   assert [s.method for s in factors] == list(study.CLEAN_PHASE)
+  # "srem beta=0" is an ablation and a factor: at a shared ratio it runs once.
+  assert len(settings) == 2 + len(study.ABLATIONS) + len(study.CLEAN_PHASE) - 1
+  assert len({s.run_name(0) for s in settings}) == len(settings)
+  assert len(study.plan([0.6], ["srem"], [], [0.6], [0])) == 1 + 4 + 5
   base = tiny_base()
   for setting in factors:
     config = study.run_config(base, setting, seed=1, data_dir="/d")
