@@ -71,33 +71,21 @@ def ref_clean_mask(S, tau, temp=1.0, quantile=0.5):
   )
 
 
-def ref_triplet(S, margin, weights=None):
+def ref_triplet(S, margin, weights=None, negatives="hardest"):
   K = len(S)
   weights = np.ones(K) if weights is None else weights
   total = 0.0
   for i in range(K):
-    negatives = [j for j in range(K) if j != i]
-    if not negatives:
+    others = [j for j in range(K) if j != i]
+    if not others:
       continue
-    hardest_caption = max(S[i, j] for j in negatives)
-    hardest_image = max(S[j, i] for j in negatives)
-    cost = max(0, margin - S[i, i] + hardest_caption)
-    cost += max(0, margin - S[i, i] + hardest_image)
+    caption_hinges = [max(0, margin - S[i, i] + S[i, j]) for j in others]
+    image_hinges = [max(0, margin - S[i, i] + S[j, i]) for j in others]
+    if negatives == "hardest":
+      cost = max(caption_hinges) + max(image_hinges)
+    else:
+      cost = (sum(caption_hinges) + sum(image_hinges)) / len(others)
     total += weights[i] * cost
-  return total
-
-
-def ref_triplet_mean_negatives(S, margin, weights=None):
-  K = len(S)
-  weights = np.ones(K) if weights is None else weights
-  total = 0.0
-  for i in range(K):
-    negatives = [j for j in range(K) if j != i]
-    if not negatives:
-      continue
-    cost = sum(max(0, margin - S[i, i] + S[i, j]) for j in negatives)
-    cost += sum(max(0, margin - S[i, i] + S[j, i]) for j in negatives)
-    total += weights[i] * cost / len(negatives)
   return total
 
 
@@ -409,8 +397,8 @@ def test_mean_negative_triplet_matches_reference(K):
   loss, aux = losses.triplet_hardest(
     jnp.asarray(S), 0.2, jnp.asarray(weights), negatives="mean"
   )
-  assert_close(loss, ref_triplet_mean_negatives(S, 0.2, weights))
-  assert_close(float(np.sum(aux["per_anchor"])), ref_triplet_mean_negatives(S, 0.2))
+  assert_close(loss, ref_triplet(S, 0.2, weights, "mean"))
+  assert_close(float(np.sum(aux["per_anchor"])), ref_triplet(S, 0.2, negatives="mean"))
   # At equal scores every hinge is the margin, as with the hardest negative.
   if K > 1:
     _, flat = losses.triplet_hardest(jnp.full((K, K), 0.5), 0.2, negatives="mean")
@@ -433,7 +421,7 @@ def test_clean_triplet_switches_in_the_objective():
   loss, _ = losses.objective(
     Sj, clean=jnp.asarray(given), use_cmbcl=False, clean_negatives="mean"
   )
-  assert_close(loss, ref_triplet_mean_negatives(S, 0.2, given * weight))
+  assert_close(loss, ref_triplet(S, 0.2, given * weight, "mean"))
 
   # No selected pair: the mean-reduced clean term is zero, not NaN.
   loss, _ = losses.objective(
