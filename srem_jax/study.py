@@ -396,7 +396,8 @@ def selection_figure(path, settings, seeds, runs) -> str | None:
 def clean_phase_figure(path, settings, seeds, runs) -> str | None:
   """Validation rSum per epoch at the first ratio with clean-phase factors:
   SREM, ccl, SREM with beta=0 and each factor, mean over seeds."""
-  ratios = [s.ratio for s in settings if s.method in CLEAN_PHASE]
+  # An ablation that is also a factor (beta=0) does not mark a factor ratio.
+  ratios = [s.ratio for s in settings if s.method in set(CLEAN_PHASE) - set(ABLATIONS)]
   if not ratios:
     return None
   shown = ("srem", "ccl", "srem beta=0", *CLEAN_PHASE)
@@ -415,8 +416,8 @@ def clean_phase_figure(path, settings, seeds, runs) -> str | None:
   )
   return plots.line_panels(
     path,
-    f"SREM's clean phase, caption {round(ratios[0] * 100)}% noise: one factor "
-    f"changed at a time (mean of {len(seeds)} seed(s))",
+    f"SREM's clean phase, caption {round(ratios[0] * 100)}% noise\n"
+    f"one factor changed at a time, mean of {len(seeds)} seed(s)",
     [("validation rSum", "rSum", curves)],
     warm,
   )
