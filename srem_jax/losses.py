@@ -244,6 +244,8 @@ def objective(
   """
   if name not in LOSS_NAMES:
     raise ValueError(f"name must be one of {LOSS_NAMES}, got {name!r}")
+  if clean_reduction not in REDUCTIONS:
+    raise ValueError(f"clean_reduction must be one of {REDUCTIONS}")
   K = S.shape[0]
   S_fixed = jax.lax.stop_gradient(S)
   pair_energy = sample_energy(S_fixed, tau, energy_temp)
@@ -266,8 +268,6 @@ def objective(
     loss_clean, _ = triplet_hardest(S, margin, selected * weight, clean_negatives)
     if clean_reduction == "mean":
       loss_clean = loss_clean / jnp.maximum(jnp.sum(selected), 1.0)
-    elif clean_reduction != "sum":
-      raise ValueError(f"clean_reduction must be one of {REDUCTIONS}")
     if use_cmbcl:
       loss_cmbcl, _ = complementary_loss(S, tau, beta, bias, eps)
     else:

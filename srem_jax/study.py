@@ -344,10 +344,11 @@ def rsum_figure(path, settings, seeds, runs) -> str | None:
   drawn = False
   for color, method in enumerate(METHODS):
     for protocol, marker, style in (("caption", "o", "-"), ("image", "s", "none")):
-      cells = [s for s in settings if s.method == method and s.protocol == protocol]
-      if not cells:
-        continue
-      cells = [s for s in cells if _group(runs, s, seeds)]
+      cells = [
+        s
+        for s in settings
+        if s.method == method and s.protocol == protocol and _group(runs, s, seeds)
+      ]
       if not cells:
         continue
       stats = [
@@ -400,20 +401,14 @@ def clean_phase_figure(path, settings, seeds, runs) -> str | None:
   ratios = [s.ratio for s in settings if s.method in set(CLEAN_PHASE) - set(ABLATIONS)]
   if not ratios:
     return None
-  shown = ("srem", "ccl", "srem beta=0", *CLEAN_PHASE)
-  cells = [
-    s
+  shown = ("srem", "ccl", *CLEAN_PHASE)
+  groups = {
+    s.method: _group(runs, s, seeds)
     for s in settings
     if s.protocol == "caption" and s.ratio == ratios[0] and s.method in shown
-  ]
-  curves = {
-    s.method: _mean_curve(_group(runs, s, seeds), "rsum", "val")
-    for s in cells
-    if _group(runs, s, seeds)
   }
-  warm = max(
-    (r.warmup_epochs for s in cells for r in _group(runs, s, seeds)), default=0
-  )
+  curves = {m: _mean_curve(g, "rsum", "val") for m, g in groups.items() if g}
+  warm = max((r.warmup_epochs for g in groups.values() for r in g), default=0)
   return plots.line_panels(
     path,
     f"SREM's clean phase, caption {round(ratios[0] * 100)}% noise\n"
