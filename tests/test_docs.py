@@ -48,7 +48,11 @@ def test_quick_start_is_setup_test_demo():
 
 def test_documented_modules_exist():
   for module in re.findall(r"python -m (srem_jax[\w.]*)", README):
-    path = os.path.join(REPO, *module.split(".")) + ".py"
-    assert os.path.isfile(path), module
+    # `python -m` runs a module file or a package's __main__.py.
+    path = os.path.join(REPO, *module.split("."))
+    runnable = os.path.isfile(path + ".py") or os.path.isfile(
+      os.path.join(path, "__main__.py")
+    )
+    assert runnable, module
   for script in re.findall(r"`(launch/[\w.]+)`", README):
     assert os.path.isfile(os.path.join(REPO, script)), script
