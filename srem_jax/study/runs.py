@@ -35,9 +35,6 @@ def check_same_data(out_dir: str, base) -> None:
     )
 
 
-# ---- running ----------------------------------------------------------------
-
-
 def _train_one(config, workdir: str, log_path: str | None, cache_dir: str | None):
   """One run; in a worker process its output goes to `log_path`."""
   if log_path is not None:
