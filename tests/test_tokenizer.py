@@ -279,6 +279,35 @@ def test_equals_nltk_word_tokenizer_on_each_sentence(caption, sentences):
   assert all(token == token.lower() for token in tokens)
 
 
+# A word with inner periods ends no sentence of lower-cased text for punkt, so
+# NLTK's word tokenizer sees it mid-sentence and keeps its final period; only
+# the caption's last period (or an ordinary word's) is split off.
+INNER_PERIODS = [
+  ("a man in l.a. walks his dog .", ["a man in l.a. walks his dog ."], "l.a."),
+  ("The U.S.A. flag waves", ["the u.s.a. flag waves"], "u.s.a."),
+  ("Dr. Smith and Mr. Jones", ["dr. smith and mr. jones"], "mr."),
+  ("A sign reads e.g. stop.", ["a sign reads e.g. stop."], "e.g."),
+  (
+    "Tourists in Washington D.C. take photos",
+    ["tourists in washington d.c. take photos"],
+    "d.c.",
+  ),
+  ("A flag of the U.S.A.", ["a flag of the u.s.a."], "u.s.a"),
+  (
+    "Fans from the U.S.A. cheer. A band plays in L.A.",
+    ["fans from the u.s.a. cheer.", "a band plays in l.a."],
+    "u.s.a.",
+  ),
+]
+
+
+@pytest.mark.parametrize("caption,sentences,kept", INNER_PERIODS)
+def test_word_with_inner_periods_ends_no_sentence(caption, sentences, kept):
+  tokens = tokenizer.word_tokenize(caption)
+  assert tokens == nltk_tokens(sentences)
+  assert kept in tokens
+
+
 def test_single_sentence_captions_equal_nltk_word_tokenizer():
   for caption, _ in CAPTIONS:
     if ". " not in caption:

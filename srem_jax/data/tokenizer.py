@@ -24,10 +24,11 @@ from srem_jax.errors import UserError
 # period that ends a word in the middle of a caption ("a man. he runs") becomes
 # its own token. Punkt's model is downloaded data (`nltk.download("punkt_tab")`)
 # and is used when installed. Without it this splitter stands in: it cuts after
-# a word ending in a period, except after abbreviations, initials and numbers,
-# which punkt keeps whole on lower-cased text (its orthographic test never sees
-# a lower-case next word as a sentence start).
-_ABBREVIATIONS = frozenset("mr mrs ms dr st jr sr vs etc e.g i.e u.s a.m p.m".split())
+# a word ending in a period, except after abbreviations, initials, numbers and
+# words with inner periods ("l.a.", "u.s.a.", "e.g."), which punkt keeps whole
+# on lower-cased text (its orthographic test never sees a lower-case next word
+# as a sentence start).
+_ABBREVIATIONS = frozenset("mr mrs ms dr st jr sr vs etc".split())
 _PERIOD_END = re.compile(r"^(?P<word>.*[^.])\.[\"')\]}»”’]*$")
 _LEADING_PUNCT = re.compile(r"^[(\"`{\[:;&#*@)}\]\-,]+")
 _NUMBER = re.compile(r"^-?[.,]?\d[\d,.\-]*$")
@@ -39,7 +40,7 @@ def _ends_sentence(chunk: str) -> bool:
   if match is None:
     return False
   word = _LEADING_PUNCT.sub("", match.group("word"))
-  if not word or _NUMBER.match(word) or _INITIAL.match(word):
+  if not word or "." in word or _NUMBER.match(word) or _INITIAL.match(word):
     return False
   return word not in _ABBREVIATIONS and word.split("-")[-1] not in _ABBREVIATIONS
 
