@@ -66,19 +66,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.name = (
     "srem"  # srem | triplet_hardest | ccl | ncr (two models, srem_jax/ncr_train.py)
   )
+  # SREM's reading of the paper (srem_jax/readings.py, docs/method.md); the six
+  # component fields below take its values when left at "".
+  c.loss.reading = "r0"  # r0 | r1 | r2 | r3 | r4 | r5
+  c.loss.warmup = ""  # warm-up on every pair: ccl | triplet_mean | ccl+triplet_mean
+  c.loss.selection = ""  # clean-sample filtration: batch | epoch_gmm
+  c.loss.clean_loss = ""  # on selected pairs: triplet | ce (in-batch classification)
+  c.loss.clean_negatives = ""  # clean triplet negatives: hardest | mean
+  c.loss.clean_reduction = ""  # over selected pairs: sum | mean (/ selected count)
+  c.loss.entropy_use = ""  # swapped entropy as: weight | margin | inverse
   c.loss.tau = 0.05  # temperature of the in-batch classification logits
   c.loss.energy_temp = 1.0  # T in the energy -T*logsumexp(Z/T)
   c.loss.margin = 0.2  # triplet margin alpha
-  c.loss.selection = "batch"  # clean-sample filtration: batch | epoch_gmm
   c.loss.clean_quantile = 0.5  # batch selection: energy at or below this batch quantile
   c.loss.use_filtration = True  # SREM: train the triplet only on selected clean samples
-  c.loss.use_entropy_weight = True  # SREM: weight clean samples by 1 - H/log K
+  c.loss.use_entropy_weight = True  # SREM: apply the swapped entropy (entropy_use)
   c.loss.use_cmbcl = True  # SREM: add the cross-modal biased complementary loss
   c.loss.beta = 0.5  # CMBCL bias strength: Q = (1-beta) U + beta B
   c.loss.bias = "cross_modal"  # form of B: cross_modal | same_modal
   c.loss.cmbcl_weight = 1.0  # lambda in L = L_clean + lambda L_CMBCL
-  c.loss.clean_negatives = "hardest"  # SREM clean triplet negatives: hardest | mean
-  c.loss.clean_reduction = "sum"  # SREM clean triplet over selected pairs: sum | mean
   c.loss.eps = 1e-6  # epsilon inside -log(1 - P + eps)
   c.loss.gmm_iters = 10  # epoch_gmm: EM iterations
   c.loss.gmm_tol = 1e-2  # epoch_gmm: EM tolerance on the log-likelihood
@@ -100,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0  # parameter init, dropout and data order
   c.train.epochs = 40  # training epochs
-  c.train.warmup_epochs = 5  # epochs of CMBCL with beta=0 on all pairs before SREM
+  c.train.warmup_epochs = 5  # epochs of loss.warmup on all pairs before SREM
   c.train.batch_size = 128  # global batch (divisible by the number of devices)
   c.train.lr = 2e-4  # Adam learning rate
   c.train.lr_decay_epochs = 30  # multiply the LR by lr_decay_factor from this epoch on

@@ -12,7 +12,7 @@ prepared data, once it is opened.
 
 import math
 
-from srem_jax import execution, losses, ncr, padding
+from srem_jax import execution, losses, ncr, padding, readings
 from srem_jax.errors import UserError
 
 _CHOICES = {
@@ -146,17 +146,23 @@ def validate_loss(loss_cfg) -> None:
   """Raises UserError naming `loss.<field>` for the first bad value in `loss_cfg`."""
   choices = {
     "name": (*losses.LOSS_NAMES, ncr.NAME),
-    "selection": losses.SELECTIONS,
+    "reading": tuple(readings.READINGS),
     "bias": losses.BIASES,
-    "clean_negatives": losses.NEGATIVES,
-    "clean_reduction": losses.REDUCTIONS,
   }
+  # A reading's component left at "" takes the reading's value.
+  choices.update({k: ("", *v) for k, v in readings.COMPONENTS.items()})
   for field, allowed in choices.items():
     value = loss_cfg[field] if field in loss_cfg else None
     if value not in allowed:
-      raise UserError(
-        f"loss.{field}: expected one of {', '.join(allowed)}, got {value!r}"
-      )
+      shown = ", ".join(repr(a) if a == "" else a for a in allowed)
+      raise UserError(f"loss.{field}: expected one of {shown}, got {value!r}")
+  resolved = readings.resolve(loss_cfg)
+  if resolved["entropy_use"] == "margin" and resolved["clean_loss"] != "triplet":
+    raise UserError(
+      "loss.entropy_use: 'margin' scales a triplet margin and needs "
+      f"loss.clean_loss 'triplet', got {resolved['clean_loss']!r} (reading "
+      f"{loss_cfg['reading']!r})"
+    )
   for field in ("use_filtration", "use_entropy_weight", "use_cmbcl"):
     value = loss_cfg[field] if field in loss_cfg else None
     if not isinstance(value, bool):

@@ -18,6 +18,16 @@ SELECTIONS = ("batch", "epoch_gmm")
 BIASES = ("cross_modal", "same_modal")
 NEGATIVES = ("hardest", "mean")  # which negatives SREM's clean-pair triplet uses
 REDUCTIONS = ("sum", "mean")  # how it combines its selected anchors
+# SREM's warm-up on every pair: RCL's complementary loss, NCR's mean-negative
+# triplet (summed over anchors, as NCR warms up), or both added.
+WARMUPS = ("ccl", "triplet_mean", "ccl+triplet_mean")
+# The loss on selected pairs: a triplet, or the in-batch classification
+# cross-entropy over S / tau.
+CLEAN_LOSSES = ("triplet", "ce")
+# How the swapped entropy enters the selected pairs' loss: a certainty weight
+# 1 - H/log K, a triplet margin alpha * (1 - H/log K), or the inverse emphasis
+# H/log K.
+ENTROPY_USES = ("weight", "margin", "inverse")
 
 
 def batch_logits(S, tau):
@@ -91,6 +101,8 @@ def triplet_hardest(S, margin=0.2, weights=None, negatives="hardest"):
   anchor). A batch of one pair has no negative and costs nothing.
   `negatives="mean"` replaces each max by the mean of the K-1 hinges, so an
   anchor costs the same at equal scores (2α) and every negative gets gradient.
+  `margin` is a number or a (K,) array of per-anchor margins α_i (anchor i's
+  row and column hinges both use α_i).
 
   Returns `(loss, {"per_anchor": (K,) unweighted costs})`.
   """
@@ -99,19 +111,38 @@ def triplet_hardest(S, margin=0.2, weights=None, negatives="hardest"):
   K = S.shape[0]
   positive = jnp.diagonal(S)
   off_diagonal = ~jnp.eye(K, dtype=bool)
+  margin = jnp.broadcast_to(jnp.asarray(margin, S.dtype), (K,))
   # Clamping each violation before the max equals clamping the max, and the
   # zeroed diagonal then cannot win over a real negative.
   caption_violation = jnp.where(
-    off_diagonal, jnp.maximum(margin - positive[:, None] + S, 0.0), 0.0
+    off_diagonal, jnp.maximum((margin - positive)[:, None] + S, 0.0), 0.0
   )
   image_violation = jnp.where(
-    off_diagonal, jnp.maximum(margin - positive[None, :] + S, 0.0), 0.0
+    off_diagonal, jnp.maximum((margin - positive)[None, :] + S, 0.0), 0.0
   )
   if negatives == "hardest":
     per_anchor = caption_violation.max(axis=1) + image_violation.max(axis=0)
   else:
     count = max(K - 1, 1)
     per_anchor = (caption_violation.sum(axis=1) + image_violation.sum(axis=0)) / count
+  if weights is None:
+    weights = jnp.ones_like(per_anchor)
+  return jnp.sum(weights * per_anchor), {"per_anchor": per_anchor}
+
+
+def classification_loss(S, tau, weights=None):
+  """In-batch classification cross-entropy over `S / tau`, summed over
+  weighted anchors.
+
+  Anchor i costs `½[-log P_i2t[i, i] - log P_t2i[i, i]]` (image i classifies
+  its caption among the K, caption i its image); the loss is
+  `Σ_i weights_i · cost_i`. Returns `(loss, {"per_anchor": (K,) costs})`.
+  """
+  z_i2t, z_t2i = batch_logits(S, tau)
+  per_anchor = -0.5 * (
+    jnp.diagonal(jax.nn.log_softmax(z_i2t, axis=1))
+    + jnp.diagonal(jax.nn.log_softmax(z_t2i, axis=1))
+  )
   if weights is None:
     weights = jnp.ones_like(per_anchor)
   return jnp.sum(weights * per_anchor), {"per_anchor": per_anchor}
@@ -203,6 +234,74 @@ def per_sample_stats(S, tau, temp=1.0, valid=None):
   return stats
 
 
+def warmup_loss(S, kind="ccl", *, tau=0.05, margin=0.2, bias="cross_modal", eps=1e-6):
+  """SREM's warm-up objective on every pair (`WARMUPS`).
+
+  "ccl" is RCL's complementary loss (CMBCL with β = 0); "triplet_mean" is
+  NCR's warm-up, the mean-negative triplet summed over anchors; with
+  "ccl+triplet_mean" both are added. Returns `(loss, parts)` with the
+  triplet part under "triplet" and the complementary part under "ccl".
+  """
+  if kind not in WARMUPS:
+    raise ValueError(f"warmup must be one of {WARMUPS}, got {kind!r}")
+  zero = jnp.zeros((), S.dtype)
+  triplet = ccl = zero
+  if "triplet_mean" in kind:
+    triplet, _ = triplet_hardest(S, margin, negatives="mean")
+  if "ccl" in kind:
+    ccl, _ = complementary_loss(S, tau, 0.0, bias, eps)
+  return triplet + ccl, {"triplet": triplet, "ccl": ccl}
+
+
+def selected_loss(
+  S,
+  selected,
+  entropy,
+  *,
+  kind="triplet",
+  entropy_use="weight",
+  use_entropy=True,
+  tau=0.05,
+  margin=0.2,
+  negatives="hardest",
+  reduction="sum",
+):
+  """SREM's loss on the selected pairs and the per-pair weight it applied.
+
+  `selected` is a (K,) float 0/1 mask and `entropy` the (K,) swapped
+  entropy (no gradient). `kind` picks the loss (`CLEAN_LOSSES`);
+  `entropy_use` how the certainty `c_i = clip(1 - H_i / log K, 0, 1)`
+  enters (`ENTROPY_USES`): as a weight `c_i`, as the triplet margin
+  `margin · c_i` (weight 1), or as the inverse weight `1 - c_i`.
+  `use_entropy=False` applies none of them. `reduction="mean"` divides the
+  sum over selected pairs by their number (at least 1).
+  """
+  K = S.shape[0]
+  certainty = entropy_weight(entropy, K)
+  unit = jnp.ones((K,), S.dtype)
+  if not use_entropy:
+    weight, margins = unit, margin
+  elif entropy_use == "weight":
+    weight, margins = certainty, margin
+  elif entropy_use == "inverse":
+    weight, margins = 1.0 - certainty, margin
+  elif entropy_use == "margin":
+    if kind != "triplet":
+      raise ValueError("entropy_use='margin' needs the triplet loss")
+    weight, margins = unit, margin * certainty
+  else:
+    raise ValueError(f"entropy_use must be one of {ENTROPY_USES}, got {entropy_use!r}")
+  if kind == "triplet":
+    loss, _ = triplet_hardest(S, margins, selected * weight, negatives)
+  elif kind == "ce":
+    loss, _ = classification_loss(S, tau, selected * weight)
+  else:
+    raise ValueError(f"clean_loss must be one of {CLEAN_LOSSES}, got {kind!r}")
+  if reduction == "mean":
+    loss = loss / jnp.maximum(jnp.sum(selected), 1.0)
+  return loss, weight
+
+
 def objective(
   S,
   *,
@@ -219,28 +318,32 @@ def objective(
   bias="cross_modal",
   cmbcl_weight=1.0,
   eps=1e-6,
+  warmup_loss_kind="ccl",
+  clean_loss="triplet",
+  entropy_use="weight",
   clean_negatives="hardest",
   clean_reduction="sum",
   clean=None,
 ):
   """The training loss selected by `name`, with per-sample diagnostics.
 
-  - "srem": `L = Σ_{clean} w_i · triplet_i + cmbcl_weight · CMBCL(β)`. `clean`
+  - "srem": `L = L_selected + cmbcl_weight · CMBCL(β)`, where `L_selected`
+    is `selected_loss` of kind `clean_loss` over the clean pairs. `clean`
     (a (K,) bool from the epoch-level GMM) replaces the batch mask;
     `use_filtration=False` counts every pair clean; `use_entropy_weight=False`
-    sets w = 1; `use_cmbcl=False` drops the complementary term.
-    `clean_negatives="mean"` averages the triplet's hinges over the
-    negatives instead of taking the hardest; `clean_reduction="mean"`
-    divides the clean term by the number of selected pairs (at least 1),
-    which puts it on CMBCL's per-anchor scale. With
-    `warmup=True` (a Python bool) it is CMBCL with β = 0 on all pairs.
+    drops the swapped entropy's role (`entropy_use`); `use_cmbcl=False`
+    drops the complementary term. `clean_negatives`/`clean_reduction` shape
+    the triplet (hardest or mean negatives; summed or divided by the
+    selected count). With `warmup=True` (a Python bool) it is
+    `warmup_loss(warmup_loss_kind)` on all pairs.
   - "triplet_hardest": the hardest-negative triplet on all pairs.
   - "ccl": RCL's complementary loss (β = 0) on all pairs.
 
   aux holds scalars `loss`, `loss_clean`, `loss_cmbcl`, `clean_frac` and, per
   pair, `clean` (the mask the loss used), `energy`, `entropy` and `weight` (the
   entropy weight applied to clean pairs; 1 where none is applied), computed on
-  stop-gradient S whatever the name.
+  stop-gradient S whatever the name. In the warm-up, `loss_clean` holds its
+  triplet part and `loss_cmbcl` its complementary part.
   """
   if name not in LOSS_NAMES:
     raise ValueError(f"name must be one of {LOSS_NAMES}, got {name!r}")
@@ -263,11 +366,18 @@ def objective(
         raise ValueError(f"clean must have shape ({K},), got {mask.shape}")
     else:
       mask = batch_clean_mask(S_fixed, tau, energy_temp, clean_quantile)
-    weight = entropy_weight(entropy, K) if use_entropy_weight else unit_weight
-    selected = mask.astype(S.dtype)
-    loss_clean, _ = triplet_hardest(S, margin, selected * weight, clean_negatives)
-    if clean_reduction == "mean":
-      loss_clean = loss_clean / jnp.maximum(jnp.sum(selected), 1.0)
+    loss_clean, weight = selected_loss(
+      S,
+      mask.astype(S.dtype),
+      entropy,
+      kind=clean_loss,
+      entropy_use=entropy_use,
+      use_entropy=use_entropy_weight,
+      tau=tau,
+      margin=margin,
+      negatives=clean_negatives,
+      reduction=clean_reduction,
+    )
     if use_cmbcl:
       loss_cmbcl, _ = complementary_loss(S, tau, beta, bias, eps)
     else:
@@ -278,7 +388,13 @@ def objective(
     loss_clean, _ = triplet_hardest(S, margin)
     loss_cmbcl = zero
     loss = loss_clean
-  else:  # "ccl", and SREM's warm-up
+  elif name == "srem":  # SREM's warm-up
+    mask, weight = every_pair, unit_weight
+    loss, parts = warmup_loss(
+      S, warmup_loss_kind, tau=tau, margin=margin, bias=bias, eps=eps
+    )
+    loss_clean, loss_cmbcl = parts["triplet"], parts["ccl"]
+  else:  # "ccl"
     mask, weight = every_pair, unit_weight
     loss_clean = zero
     loss_cmbcl, _ = complementary_loss(S, tau, 0.0, bias, eps)

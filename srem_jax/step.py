@@ -25,7 +25,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from srem_jax import diagnostics, losses, resident, sharding
+from srem_jax import diagnostics, losses, readings, resident, sharding
 from srem_jax.models.sgraf import SGRAF
 
 # ---- state and optimizer ----------------------------------------------------
@@ -169,12 +169,21 @@ def batch_scores(model, params, batch_stats, batch, *, train, rng, mesh):
 
 
 def loss_options(loss_cfg) -> dict:
+  """`losses.objective`'s keyword arguments from `config.loss`, the reading's
+  components resolved (`readings.resolve`); the selection is the loop's."""
   keys = (
     "name tau energy_temp margin clean_quantile use_filtration "
-    "use_entropy_weight use_cmbcl beta bias cmbcl_weight eps clean_negatives "
-    "clean_reduction"
+    "use_entropy_weight use_cmbcl beta bias cmbcl_weight eps"
   ).split()
-  return {k: loss_cfg[k] for k in keys}
+  components = readings.resolve(loss_cfg)
+  return {
+    **{k: loss_cfg[k] for k in keys},
+    "warmup_loss_kind": components["warmup"],
+    "clean_loss": components["clean_loss"],
+    "entropy_use": components["entropy_use"],
+    "clean_negatives": components["clean_negatives"],
+    "clean_reduction": components["clean_reduction"],
+  }
 
 
 PAIRS = "pairs"

@@ -25,6 +25,7 @@ from srem_jax import (
   execution,
   paths,
   plots,
+  readings,
   resident,
   retrieval,
   sharding,
@@ -223,7 +224,7 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
   config, report, ckpt, spe = run.config, run.report, run.ckpt, run.steps_per_epoch
   tcfg = config.train
   loss_kw = loss_options(config.loss)
-  use_gmm = config.loss.selection == "epoch_gmm" and config.loss.name == "srem"
+  use_gmm = _uses_epoch_selection(config)
   compiled = {}
   first = int(state.step)
   progress = Progress(run.total_steps, first)
@@ -306,6 +307,12 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
   return carry[0]
 
 
+def _uses_epoch_selection(config) -> bool:
+  """SREM selecting its clean pairs once per epoch (`epoch_gmm`)."""
+  selection = readings.resolve(config.loss)["selection"]
+  return config.loss.name == "srem" and selection == "epoch_gmm"
+
+
 def _compile_seconds(compiled: dict) -> float:
   return sum(fn.compile_s for fn in compiled.values())
 
@@ -339,7 +346,7 @@ def _end_of_epoch(run: _Run, step, state, selection, record, summary, pairs):
   val["time_val_s"] = time.perf_counter() - start
   # The next epoch's selection is made here and timed with this epoch.
   start = time.perf_counter()
-  use_gmm = config.loss.selection == "epoch_gmm" and config.loss.name == "srem"
+  use_gmm = _uses_epoch_selection(config)
   if use_gmm and epoch + 1 >= tcfg.warmup_epochs and step < run.total_steps:
     selection = gmm_selection(
       config, run.model, state, run.data, run.mesh, run.features
