@@ -125,13 +125,15 @@ def test_paired_table_subtracts_srem_of_the_same_noise_and_seed():
   }
   lines = study.paired_table([srem, ccl, other], [0, 1, 2], runs).splitlines()
   # Differences +10, -10, +30: mean 10, sample std 20.
-  assert lines[2:] == ["| caption 40% | ccl | +10.0 ± 20.0 | +10.0 / -10.0 / +30.0 |"]
+  assert lines[2:] == [
+    "| caption 40% | ccl | +10.0 ± 20.0 | 2/3 | +10.0 / -10.0 / +30.0 |"
+  ]
   assert study.paired_table([other], [0, 1, 2], runs) is None
   # A study run in parts: a seed not trained yet is a dash, a setting with no
   # finished seed a row that says so, with the table's number of columns.
   del runs[ccl, 1]
   lines = study.paired_table([srem, ccl], [0, 1, 2], runs).splitlines()
-  assert lines[2:] == ["| caption 40% | ccl | +20.0 ± 14.1 | +10.0 / — / +30.0 |"]
+  assert lines[2:] == ["| caption 40% | ccl | +20.0 ± 14.1 | 2/2 | +10.0 / — / +30.0 |"]
   missing = study.Setting("image", 0.4, "srem")
   for warmup in (0, 8):
     lines = study.table([srem, missing], [0, 1, 2], runs, warmup).splitlines()
@@ -172,6 +174,35 @@ def run_command(args, cwd):
 
 
 @pytest.mark.slow
+def test_paired_against_a_baseline_lists_srem_and_its_readings():
+  ccl = study.Setting("caption", 0.4, "ccl")
+  srem = study.Setting("caption", 0.4, "srem")
+  r1 = study.Setting("caption", 0.4, "srem r1")
+  ncr = study.Setting("caption", 0.4, "ncr")
+  rsums = {ccl: (100.0, 200.0), srem: (90.0, 230.0), r1: (130.0, 210.0), ncr: (0, 0)}
+  runs = {
+    (s, seed): study.RunSummary({"rsum": v}, {}, [], 0)
+    for s, values in rsums.items()
+    for seed, v in enumerate(values)
+  }
+  lines = study.paired_table([ccl, srem, r1, ncr], [0, 1], runs, "ccl").splitlines()
+  assert "test rSum − ccl's" in lines[0]
+  # SREM: -10, +30 (one seed ahead); r1: +30, +10; NCR is no row against ccl.
+  assert lines[2:] == [
+    "| caption 40% | srem | +10.0 ± 28.3 | 1/2 | -10.0 / +30.0 |",
+    "| caption 40% | srem r1 | +20.0 ± 14.1 | 2/2 | +30.0 / +10.0 |",
+  ]
+
+
+def test_plan_trains_each_reading_at_every_noise_condition():
+  settings = study.plan([0.2, 0.4], ["ccl"], [0.4], (), (), ["r1", "r2"])
+  readings = [s for s in settings if s.method.startswith("srem")]
+  assert len(readings) == 6 and len(settings) == 9
+  r1 = next(s for s in readings if s.method == "srem r1")
+  assert dict(r1.overrides) == {"loss.name": "srem", "loss.reading": "r1"}
+  assert r1.run_name(3) == "caption0.2_srem_r1_s3"
+
+
 def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
   out = tmp_path / "study"
   args = [
@@ -244,6 +275,7 @@ def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
   "args, message",
   [
     (["--methods=srem,nope"], "--methods: expected some of srem"),
+    (["--out=o", "--readings=r1,r9"], "--readings: expected some of r0"),
     (["--out=o", "--ratios=0,1.2"], "--ratios: ratios must lie in"),
     ([], "--out is required"),
   ],

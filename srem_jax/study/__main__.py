@@ -10,6 +10,7 @@ from ml_collections import config_flags
 
 from srem_jax import cli, study
 from srem_jax.errors import UserError
+from srem_jax.readings import READINGS
 from srem_jax.study import CLEAN_PHASE, METHODS, plan, run_study
 
 # absl's --help prints the main module's docstring: the package's.
@@ -22,11 +23,20 @@ _CONFIG = config_flags.DEFINE_config_file(
   lock_config=True,
 )
 _OUT = flags.DEFINE_string("out", None, "Study folder (rerun the command to resume).")
-_SEEDS = flags.DEFINE_integer("seeds", 1, "Number of seeds (0, 1, ...) per setting.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Number of seeds per setting.")
+_FIRST_SEED = flags.DEFINE_integer(
+  "first_seed", 0, "First seed: seeds first_seed, first_seed + 1, ... are trained."
+)
 _RATIOS = flags.DEFINE_list(
   "ratios", "0,0.2,0.4,0.6,0.8", "Caption-level noise ratios."
 )
 _METHODS = flags.DEFINE_list("methods", ",".join(METHODS), "Methods to train.")
+_READINGS = flags.DEFINE_list(
+  "readings",
+  "",
+  "Readings of SREM (srem_jax/readings.py) trained at every noise ratio "
+  "beside the methods, each as the method 'srem <reading>'.",
+)
 _IMAGE_RATIOS = flags.DEFINE_list("image_ratios", "0.4", "Image-level noise ratios.")
 _ABLATIONS = flags.DEFINE_bool("ablations", True, "Add the SREM ablations.")
 _ABLATION_RATIOS = flags.DEFINE_list(
@@ -73,8 +83,15 @@ def main(argv):
   unknown = sorted(set(_METHODS.value) - set(METHODS))
   if unknown or not _METHODS.value:
     raise UserError(f"--methods: expected some of {', '.join(METHODS)}, got {unknown}")
+  unknown = sorted(set(_READINGS.value) - set(READINGS))
+  if unknown:
+    raise UserError(
+      f"--readings: expected some of {', '.join(READINGS)}, got {unknown}"
+    )
   if min(_SEEDS.value, _EPOCHS.value, _NUM_TRAIN.value, _JOBS.value) < 1:
     raise UserError("--seeds, --epochs, --num_train and --jobs must be at least 1")
+  if _FIRST_SEED.value < 0:
+    raise UserError(f"--first_seed: expected an integer >= 0, got {_FIRST_SEED.value}")
   base = _CONFIG.value
   base.train.epochs = _EPOCHS.value
   base.train.warmup_epochs = base.train.lr_decay_epochs = round(0.6 * _EPOCHS.value)
@@ -85,6 +102,7 @@ def main(argv):
     _ratios(_IMAGE_RATIOS),
     _ratios(_ABLATION_RATIOS) if _ABLATIONS.value else (),
     _ratios(_CLEAN_PHASE_RATIOS),
+    _READINGS.value,
   )
   # Runs of one method differ only in data, so their compiled steps are
   # identical: a persistent cache compiles each once per study, not per run.
@@ -92,7 +110,7 @@ def main(argv):
     "jax_compilation_cache_dir", os.path.abspath(os.path.join(_OUT.value, "jax_cache"))
   )
   command = "python -m srem_jax.study " + shlex.join(sys.argv[1:])
-  seeds = list(range(_SEEDS.value))
+  seeds = list(range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value))
   path = run_study(
     base, _OUT.value, settings, seeds, command, _JOBS.value, not _REPORT_ONLY.value
   )

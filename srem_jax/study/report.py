@@ -78,9 +78,10 @@ def write_report(out_dir, base, settings, seeds, command: str, energy_ratio=0.4)
   header = [line for line in header if line is not None]
   images = [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in drawn if p]
   body = [table(settings, seeds, runs, base.train.warmup_epochs), ""]
-  paired = paired_table(settings, seeds, runs)
-  if paired is not None:
-    body += ["Paired by seed:", "", paired, ""]
+  for reference in ("srem", "ccl", "ncr"):
+    paired = paired_table(settings, seeds, runs, reference)
+    if paired is not None:
+      body += [f"Paired by seed, against {reference}:", "", paired, ""]
   text = "\n".join(header + body + images) + "\n"
   path = os.path.join(out_dir, "study.md")
   with open(path + ".tmp", "w") as f:

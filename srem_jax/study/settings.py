@@ -39,16 +39,35 @@ class Setting:
     return f"{self.protocol}{self.ratio:g}_{method}_s{seed}".lower()
 
 
+def reading_method(reading: str) -> str:
+  """The study's name for SREM under one reading (`srem_jax.readings`)."""
+  return f"srem {reading}"
+
+
 def plan(
-  ratios, methods, image_ratios=(0.4,), ablation_ratios=(0.6,), clean_phase_ratios=()
+  ratios,
+  methods,
+  image_ratios=(0.4,),
+  ablation_ratios=(0.6,),
+  clean_phase_ratios=(),
+  readings=(),
 ) -> list[Setting]:
-  """Every setting, in run order; SREM's ablations at each of `ablation_ratios`
-  and its clean-phase factors (`CLEAN_PHASE`) at each of `clean_phase_ratios`."""
+  """Every setting, in run order; SREM under each of `readings` at every
+  noise condition, SREM's ablations at each of `ablation_ratios` and its
+  clean-phase factors (`CLEAN_PHASE`) at each of `clean_phase_ratios`."""
+  overrides = {m: (("loss.name", m),) for m in methods}
+  for reading in readings:
+    overrides[reading_method(reading)] = (
+      ("loss.name", "srem"),
+      ("loss.reading", reading),
+    )
   settings = [
-    Setting("caption", r, m, (("loss.name", m),)) for r in ratios for m in methods
+    Setting("caption", r, m, fields) for r in ratios for m, fields in overrides.items()
   ]
   settings += [
-    Setting("image", r, m, (("loss.name", m),)) for r in image_ratios for m in methods
+    Setting("image", r, m, fields)
+    for r in image_ratios
+    for m, fields in overrides.items()
   ]
   if "srem" in methods:
     settings += [
