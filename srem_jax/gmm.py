@@ -1,8 +1,9 @@
 """Two-component 1-D Gaussian mixture for the epoch-level clean selection.
 
-With `loss.selection="epoch_gmm"` (SPEC §3) each training pair's in-batch
-cross-entropy and energy are collected once per epoch; a pair is clean when the
-low-mean component of a 2-Gaussian mixture fitted to each statistic claims it.
+With `loss.selection="epoch_gmm"` (docs/method.md §Parts) each training pair's
+in-batch cross-entropy and energy are collected once per epoch; a pair is clean
+when the low-mean component of a 2-Gaussian mixture fitted to each statistic
+claims it.
 
 The fit follows scikit-learn's `GaussianMixture(n_components=2, max_iter=10,
 tol=1e-2, reg_covar=5e-4)` that NCR-style code uses, in NumPy float64 with no

@@ -1,4 +1,5 @@
-"""Retrieval metrics from an (images × captions) similarity matrix (SPEC §5).
+"""Retrieval metrics from an (images × captions) similarity matrix
+(docs/method.md §Evaluation).
 
 `sims[i, k]` scores image i against caption k and `cap_to_img[k]` is the
 ground-truth image of caption k. Image→text ranks each image's captions and

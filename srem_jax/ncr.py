@@ -1,5 +1,5 @@
 """NCR (Huang et al., NeurIPS 2021) as pure functions: its losses, label
-refinement and co-division (SPEC §3b).
+refinement and co-division (docs/ncr.md §The algorithm).
 
 `S` is a (K, K) batch similarity matrix, `S[i, j] = s(image_i, caption_j)`,
 the given pairs on the diagonal. Per anchor the triplet costs are

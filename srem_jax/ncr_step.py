@@ -1,4 +1,4 @@
-"""NCR's jitted steps (SPEC §3b): the updates of one of its two models.
+"""NCR's jitted steps (docs/ncr.md): the updates of one of its two models.
 
 The loop in `srem_jax.ncr_train` holds the models' `TrainState`s and calls
 these; like `srem_jax.step` for the other methods, nothing here reads data or

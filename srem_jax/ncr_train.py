@@ -1,4 +1,4 @@
-"""NCR's training (SPEC §3b) in the framework: `config.loss.name = "ncr"`.
+"""NCR's training (docs/ncr.md) in the framework: `config.loss.name = "ncr"`.
 
 Two SGRAF models, "a" and "b", trained in turn on the same data, network,
 noise files and evaluation as every other method:

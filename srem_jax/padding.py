@@ -5,8 +5,8 @@ and real captions are short with a long tail (Flickr30K: median 14 tokens,
 maximum 77). So a batch of captions is padded only to the smallest bucket
 length that holds its longest caption, out of a few fixed ones (`BUCKETS`,
 then the static length), which bounds the number of compiled shapes. The head
-masks padded words (SPEC §2), so a score does not depend on the padded length
-beyond float32 summation order.
+masks padded words (docs/method.md §Network), so a score does not depend on
+the padded length beyond float32 summation order.
 
 `data.caption_len` > 0 asks for one static length instead: every batch is
 padded to it, one shape.

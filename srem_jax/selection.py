@@ -1,4 +1,5 @@
-"""Epoch-level sample selection (SPEC §3): the statistics pass and the GMM split.
+"""Epoch-level sample selection: the statistics pass and the GMM split
+(docs/method.md §Parts).
 
 `pair_statistics` runs the model over every training pair once, in a seeded
 order, and returns each caption's in-batch cross-entropy, energy and swapped
@@ -169,7 +170,7 @@ def pair_statistics(
 
 
 def gmm_selection(config, model, state, data, mesh, features=None) -> np.ndarray:
-  """Epoch-level clean mask per caption from a statistics pass (SPEC §3)."""
+  """Epoch-level clean mask per caption from a statistics pass."""
   loss_cfg = config.loss
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   stats = pair_statistics(

@@ -1,4 +1,4 @@
-"""Command that builds a vocabulary JSON for a new dataset (SPEC §1.1).
+"""Command that builds a vocabulary JSON for a new dataset (docs/method.md §Data).
 
 Counts tokens over the train and dev captions of `<raw_dir>/<name>/` and keeps
 words seen at least `--min_count` times. Only for datasets without a vocab

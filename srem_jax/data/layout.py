@@ -1,4 +1,5 @@
-"""Reader of the SCAN "precomp" folders users already have on disk (SPEC §1.1).
+"""Reader of the SCAN "precomp" folders users already have on disk
+(docs/method.md §Data).
 
 A dataset folder `<raw_dir>/<name>/` holds, per split, `{split}_ims.npy`
 (float `(N_rows, R, D)` region features) and either `{split}_caps.txt`

@@ -1,4 +1,5 @@
-"""Noisy correspondences: the two injection protocols and noise files (SPEC §1.2).
+"""Noisy correspondences: the two injection protocols and noise files
+(docs/method.md §Noise).
 
 Caption-level noise (NCR, BiCro) shuffles the image index of a random
 `int(r * N_caps)` captions among themselves; image-level noise (DECL, RCL)

@@ -1,4 +1,5 @@
-"""The embedded synthetic dataset, written in the SCAN precomp layout (SPEC §7).
+"""The embedded synthetic dataset, written in the SCAN precomp layout
+(docs/method.md §Testbed).
 
 A seeded world of latent concepts, objects and attributes, each with a random
 Gaussian prototype in feature space and 2-3 synonym words. An image holds 2-3

@@ -1,4 +1,4 @@
-"""SGRAF building blocks with PyTorch's exact semantics (SPEC §2).
+"""SGRAF building blocks with PyTorch's exact semantics (docs/method.md §Network).
 
 Owns the normalisations (`l2_normalize`, `l1_normalize`), the Xavier-uniform
 `dense` layer the reference uses everywhere, `TorchBatchNorm` (PyTorch's

@@ -3,8 +3,8 @@
 Owns `VisualSA` and `TextSA` (the attended global vectors), the per-pair SGR
 and SAF heads, and `SimilarityHead`, which scores a whole block of images
 against a block of captions with masks for padded words so that each score
-equals the reference's unpadded computation (SPEC §2). Names follow the
-PyTorch modules (`v_global_w.embedding_local`, `sim_tranloc_w`,
+equals the reference's unpadded computation (docs/method.md §Network). Names
+follow the PyTorch modules (`v_global_w.embedding_local`, `sim_tranloc_w`,
 `SGR_module_<i>.graph_query_w`, `SAF_module.attn_sim_w`, ...).
 
 The block is processed in chunks under `nn.scan`, so the (images, captions,

@@ -1,4 +1,5 @@
-"""The SGRAF similarity network (SPEC §2): encoders plus an SGR or SAF head.
+"""The SGRAF similarity network (docs/method.md §Network): encoders plus an
+SGR or SAF head.
 
 Owns `SGRAF`, the embeddings it passes between its stages
 (`ImageEmbedding`, `CaptionEmbedding`) and `build_model` from

@@ -1,4 +1,5 @@
-"""Import of NCR / SGRAF PyTorch checkpoints into `SGRAF` variables (SPEC §2).
+"""Import of NCR / SGRAF PyTorch checkpoints into `SGRAF` variables
+(docs/ncr.md §Evaluating NCR/SGRAF PyTorch checkpoints).
 
 Owns `load_torch_checkpoint`. A checkpoint (`model_best.pth.tar`) is a dict
 with `model_A`/`model_B` (NCR) or `model` (SGRAF), each a list of three state
