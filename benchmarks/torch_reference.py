@@ -8,7 +8,7 @@ the same machine: `train_step` (encoders, all K x K pairs, loss, backward,
 clipping, Adam) and `eval` (the pair loop alone on precomputed embeddings and
 global vectors, under no_grad, in the reference evaluator's 100 x 100 shards).
 The similarity encoder loops over captions in Python, as the reference does
-(SPEC §2). The last line printed is one JSON object.
+(docs/method.md §Network). The last line printed is one JSON object.
 
 With `--device=cuda` the model and its inputs live on the GPU (caption
 lengths stay on the host, where `pack_padded_sequence` wants them) and every

@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "base"  # run name; the default workdir is workdirs/<name>
 
-  # ---- data (SPEC §1) ------------------------------------------------------
+  # ---- data (docs/method.md §Data) -----------------------------------------
   c.data = ml_collections.ConfigDict()
   c.data.name = "f30k_precomp"  # dataset folder name under raw_dir (SCAN layout)
   c.data.raw_dir = "data"  # folder that holds <name>/ with {split}_ims.npy and captions
@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   )
   c.data.num_workers = 0  # grain worker processes for training (0 = in process)
   c.data.features_on_device = False  # keep training image features in device memory (model.dtype) and gather batches by index in the step
-  # The embedded synthetic dataset (SPEC §7), generated into raw_dir when enabled.
+  # The embedded synthetic dataset (docs/method.md §Testbed), generated into
+  # raw_dir when enabled.
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.enabled = False  # generate the dataset if raw_dir/<name> is missing
   c.data.synthetic.num_train = 2000  # training images (5 captions each)
@@ -42,14 +43,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic.seed = 0  # generator seed (the dataset is a function of it)
   c.data.synthetic.long_captions = False  # Flickr30K-like long-tailed lengths
 
-  # ---- noisy correspondences (SPEC §1.2) -----------------------------------
+  # ---- noisy correspondences (docs/method.md §Noise) -----------------------
   c.noise = ml_collections.ConfigDict()
   c.noise.ratio = 0.2  # fraction of training pairs mismatched on purpose
   c.noise.protocol = "caption"  # caption (NCR/BiCro) | image (DECL/RCL)
   c.noise.seed = 0  # seed of the generated noise
   c.noise.file = ""  # existing .npy noise index; overrides ratio/protocol/seed
 
-  # ---- model: SGRAF (SPEC §2) ----------------------------------------------
+  # ---- model: SGRAF (docs/method.md §Network) ------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.head = "sgr"  # sgr (graph reasoning) | saf (attention filtration)
   c.model.img_dim = 2048  # region feature width (must match the data)
@@ -61,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.smooth = 9.0  # inverse temperature of the region attention softmax
   c.model.dtype = "float32"  # matmul dtype: float32 | bfloat16 (accumulation float32)
 
-  # ---- objective (SPEC §3) -------------------------------------------------
+  # ---- objective (docs/method.md §Objective) -------------------------------
   c.loss = ml_collections.ConfigDict()
   c.loss.name = (
     "srem"  # srem | triplet_hardest | ccl | ncr (two models, srem_jax/ncr_train.py)
@@ -91,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.gmm_reg = 5e-4  # epoch_gmm: variance floor
   c.loss.gmm_min_noisy = 0.01  # epoch_gmm: fraction forced noisy when none is flagged
 
-  # ---- NCR, the two-model baseline (loss.name="ncr", SPEC §3b) -------------
+  # ---- NCR, the two-model baseline (loss.name="ncr", docs/ncr.md) ----------
   # Margin and GMM settings come from loss.*; warm-up, epochs and LR from train.*.
   c.ncr = ml_collections.ConfigDict()
   c.ncr.p_threshold = (
@@ -102,7 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
     -1  # co-training epoch (0 = first after warm-up) the unlabelled loss starts; -1 = half of them
   )
 
-  # ---- training (SPEC §4) --------------------------------------------------
+  # ---- training (docs/method.md §Training) ---------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0  # parameter init, dropout and data order
   c.train.epochs = 40  # training epochs
@@ -121,7 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.profile.start_step = 10  # first traced step (after compilation)
   c.profile.num_steps = 0  # steps traced (0 = no trace); view in TensorBoard/XProf
 
-  # ---- evaluation (SPEC §5) ------------------------------------------------
+  # ---- evaluation (docs/method.md §Evaluation) -----------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256  # examples per encoder batch
 
