@@ -1,4 +1,4 @@
-"""The SREM objective (SPEC §3) as pure functions of a batch similarity matrix.
+"""The SREM objective (docs/method.md, Objective): pure functions of a batch S.
 
 `S` is a (K, K) array of similarities in (0, 1) with `S[i, j] = s(image_i,
 caption_j)`; the diagonal holds the given, possibly mismatched, pairs. Every
@@ -51,7 +51,7 @@ def sample_energy(S, tau, temp=1.0):
 
 
 def swapped_entropy(S, tau):
-  """Swapped classification entropy H_i of SPEC §3, shape (K,).
+  """Swapped classification entropy H_i (docs/method.md, Parts), shape (K,).
 
   Each modality's prediction for pair i is scored against the other's:
   `H_i = ½[-Σ_j P_i2t[i,j] log P_t2i[i,j] - Σ_j P_t2i[i,j] log P_i2t[i,j]]`.
@@ -78,7 +78,7 @@ def entropy_weight(H, K):
 
 
 def batch_clean_mask(S, tau, temp=1.0, quantile=0.5):
-  """Batch-level clean selection of SPEC §3, a (K,) bool mask (no gradient).
+  """Batch-level clean selection (docs/method.md, Parts), a (K,) bool mask (no gradient).
 
   Pair i is clean when its partner is the arg-max of its row in both directions
   (ties go to the lower index, as `argmax` does) and its energy is at or below
@@ -174,7 +174,7 @@ def complementary_loss(S, tau, beta=0.0, bias="cross_modal", eps=1e-6):
   """Cross-modal biased complementary loss (CMBCL); β = 0 is RCL's CCL.
 
   Per anchor `Σ_{j≠i} Q_ij · -log(1 - P_ij + eps)`, averaged over anchors and
-  summed over the i2t and t2i directions. `bias` picks B: "cross_modal" (SPEC,
+  summed over the i2t and t2i directions. `bias` picks B: "cross_modal" (docs/method.md,
   `B_ij ∝ P_other[j, i]`) or "same_modal" (`B_ij ∝ P_same[i, j]`, an ablation).
 
   Returns `(loss, aux)` with per-anchor losses and the Q matrices of both

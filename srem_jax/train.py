@@ -173,7 +173,8 @@ def _initial_state(run: _Run):
     selection = np.asarray(restored.selection)
     run.loader.set_state(restored.data_state)
     record = dict(restored.record)
-    run.report.log(f"resumed at step {int(state.step)} (epoch {record['epoch']})")
+    step = int(jax.device_get(state.step))
+    run.report.log(f"resumed at step {step} (epoch {record['epoch']})")
   return state, selection, record
 
 
@@ -226,7 +227,7 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
   loss_kw = loss_options(config.loss)
   use_gmm = _uses_epoch_selection(config)
   compiled = {}
-  first = int(state.step)
+  first = int(jax.device_get(state.step))
   progress = Progress(run.total_steps, first)
   trace = _Trace(config.profile, run.workdir, report.log)
   features = () if run.features is None else (run.features,)
@@ -328,7 +329,7 @@ def _host_batches(loader, selection, step: int, spe: int):
 
 
 def _end_of_epoch(run: _Run, step, state, selection, record, summary, pairs):
-  """Validation, epoch records, best checkpoint, next selection (SPEC §3)."""
+  """Validation, epoch records, best checkpoint, next selection (docs/method.md, Parts)."""
   config, report, tcfg = run.config, run.report, run.config.train
   epoch = step // run.steps_per_epoch - 1
   warmup = config.loss.name == "srem" and epoch < tcfg.warmup_epochs
@@ -392,7 +393,7 @@ def _final_test(run: _Run, state, record) -> dict:
     data.test.n_images,
     protocol=config.data.eval_protocol,
   )
-  return report_test(run, test, record, int(state.step))
+  return report_test(run, test, record, int(jax.device_get(state.step)))
 
 
 def report_test(run: _Run, test: dict, record: dict, step: int) -> dict:
@@ -440,9 +441,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   stop.install()
   try:
     state, selection, record = _initial_state(run)
-    tensorboard.log_config(run.events, config, int(state.step))
+    tensorboard.log_config(run.events, config, int(jax.device_get(state.step)))
     state = _train(run, state, selection, record, stop)
-    exit_if_stopped(run, stop, int(state.step))
+    exit_if_stopped(run, stop, int(jax.device_get(state.step)))
     return _final_test(run, state, record)
   finally:
     close_run(run, stop)
