@@ -56,10 +56,14 @@ def _abstract_variables(model, split, caption_len):
   images = jax.ShapeDtypeStruct((2, split.num_regions, split.feature_dim), np.float32)
   tokens = jax.ShapeDtypeStruct((2, caption_len), np.int32)
   lengths = jax.ShapeDtypeStruct((2,), np.int32)
-  rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
-  return jax.eval_shape(
-    lambda *args: model.init(rngs, *args, train=False), images, tokens, lengths
-  )
+
+  # The keys are made while tracing: no host-to-device transfer, so this runs
+  # under `jax.transfer_guard("disallow")`.
+  def init(*args):
+    rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+    return model.init(rngs, *args, train=False)
+
+  return jax.eval_shape(init, images, tokens, lengths)
 
 
 # Fields that define the trained network; dtype, chunking and remat stay the
