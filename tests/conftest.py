@@ -1,4 +1,4 @@
-"""Shared test setup: 8 fake CPU devices, parsed absl flags, a compilation cache.
+"""Shared test setup: 8 fake CPU devices compiling fast, parsed absl flags, a cache.
 
 XLA_FLAGS must be set before jax initialises, so this runs before any test
 module imports jax.
@@ -10,7 +10,9 @@ import shutil
 import sys
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import xla_env
+
+os.environ.setdefault("XLA_FLAGS", xla_env.flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

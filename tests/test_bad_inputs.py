@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import xla_env
 
 from srem_jax import checkpoint, evaluate, sharding, train
 from srem_jax.data import pipeline, prepare, synthetic
@@ -48,15 +49,10 @@ def overrides(raw_dir, **changes):
 
 
 def run(module, *args, devices=1):
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-  )
   return subprocess.run(
     [sys.executable, "-m", module, *args],
     cwd=REPO,
-    env=env,
+    env=xla_env.subprocess_env(devices),
     capture_output=True,
     text=True,
     timeout=300,

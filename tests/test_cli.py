@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import xla_env
 
 from srem_jax import config_checks
 from srem_jax.errors import UserError
@@ -13,11 +14,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(*args, cwd):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   return subprocess.run(
     [sys.executable, "-m", "srem_jax.main", *args],
     cwd=cwd,
-    env=env,
+    env=xla_env.subprocess_env(),
     capture_output=True,
     text=True,
     timeout=300,

@@ -15,6 +15,7 @@ import time
 
 import chex
 import pytest
+import xla_env
 
 from srem_jax import checkpoint
 
@@ -22,11 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP_MARK = ".orbax-checkpoint-tmp"
 ATTEMPTS = 6
 pytestmark = pytest.mark.slow  # the main job in a subprocess, several times
-ENV = dict(
-  os.environ,
-  JAX_PLATFORMS="cpu",
-  XLA_FLAGS="--xla_force_host_platform_device_count=1",
-)
+ENV = xla_env.subprocess_env()
 
 
 def command(data_dir, workdir):

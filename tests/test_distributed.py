@@ -18,6 +18,7 @@ from unittest import mock
 import chex
 import numpy as np
 import pytest
+import xla_env
 from absl import flags
 
 from srem_jax import distributed
@@ -134,13 +135,6 @@ def test_flags_parse_into_initialize_arguments():
 # ---- launch/local.sh ---------------------------------------------------------
 
 
-# Cheaper LLVM passes halve the compile time that dominates these runs; both
-# sides of the comparison use them.
-FAST_COMPILE = (
-  "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-)
-
-
 def launcher_env(**extra):
   """This environment without conftest's 8 devices, plus `extra`."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -195,7 +189,7 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
     env={
       **launcher_env(),
       "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count=2",
+      "XLA_FLAGS": xla_env.flags(2),
     },
     cwd=REPO,
     stdout=subprocess.PIPE,
@@ -208,7 +202,7 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
       ENTRY=str(DRIVER),
       NUM_PROCESSES="2",
       LOG_DIR=str(tmp_path / "logs"),
-      XLA_FLAGS=FAST_COMPILE,
+      XLA_FLAGS=xla_env.FAST_COMPILE,
     ),
     cwd=REPO,
     capture_output=True,
@@ -259,7 +253,7 @@ def test_main_command_on_two_processes_writes_one_set_of_outputs(tmp_path):
   result = subprocess.run(
     ["bash", str(LOCAL_SH), *overrides],
     env=launcher_env(
-      NUM_PROCESSES="2", LOG_DIR=str(tmp_path / "logs"), XLA_FLAGS=FAST_COMPILE
+      NUM_PROCESSES="2", LOG_DIR=str(tmp_path / "logs"), XLA_FLAGS=xla_env.FAST_COMPILE
     ),
     cwd=REPO,
     capture_output=True,

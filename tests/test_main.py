@@ -11,6 +11,7 @@ import events
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import xla_env
 
 from srem_jax import checkpoint, evaluate, losses, retrieval, train
 from srem_jax.errors import UserError
@@ -246,7 +247,6 @@ def test_evaluate_reproduces_the_final_test_and_averages_an_ensemble(
 
 def test_evaluate_command_line_coco_protocol(full_run, data_dir, tmp_path):
   workdir, _ = full_run
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   result = subprocess.run(
     [
       sys.executable,
@@ -263,7 +263,7 @@ def test_evaluate_command_line_coco_protocol(full_run, data_dir, tmp_path):
       "--protocol=coco",
       f"--workdir={tmp_path}",
     ],
-    env=env,
+    env=xla_env.subprocess_env(),
     capture_output=True,
     text=True,
     timeout=300,

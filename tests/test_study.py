@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import xla_env
 
 from srem_jax import study
 
@@ -166,7 +167,7 @@ def run_command(args, cwd):
   return subprocess.run(
     [sys.executable, "-m", "srem_jax.study", *args],
     cwd=cwd,
-    env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
+    env=xla_env.subprocess_env(),
     capture_output=True,
     text=True,
     timeout=600,
