@@ -1,0 +1,168 @@
+"""`python -m srem_jax.aot`: a run's programs, compiled for GPUs and TPUs here.
+
+The program set and the target descriptions are checked everywhere; the
+compiles need the target's compiler (libtpu: `pip install -e '.[tpu]'`; the
+CUDA 12 plugin: `pip install -e '.[cuda_compile]'`) and are marked `accelerator` (deselect with -m "not accelerator"). They run
+the command in a fresh process: the test process's XLA_FLAGS are CPU flags.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from configs import demo
+from srem_jax import aot, execution, sharding, targets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # a missing parent package
+    return False
+
+
+needs_tpu = pytest.mark.skipif(
+  not _installed("libtpu"), reason=f"libtpu not installed: {aot.INSTALL['tpu']}"
+)
+needs_cuda = pytest.mark.skipif(
+  not _installed("jax_plugins.xla_cuda12"),
+  reason=f"the CUDA 12 plugin is not installed: {aot.INSTALL['cuda']}",
+)
+
+
+def _aot(tmp_path, target, *flags):
+  """(completed process, rows) of the command on the demo config."""
+  out = tmp_path / "rows.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  result = subprocess.run(
+    [sys.executable, "-m", "srem_jax.aot", "--config=configs/demo.py",
+     f"--target={target}", f"--json={out}", *flags],
+    cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+  )  # fmt: skip
+  rows = json.loads(out.read_text()) if out.exists() else None
+  return result, rows
+
+
+# ---- everywhere: the program set and the target descriptions ----------------
+
+
+def _names(**overrides):
+  config = demo.get_config()
+  for path, value in overrides.items():
+    section, key = path.split("__")
+    config[section][key] = value
+  mesh = sharding.make_mesh(-1)
+  plan = execution.resolve(config.execution)
+  programs = aot.RunPrograms(config, mesh, plan, aot.data_shapes(config)).all()
+  return [p.name for p in programs]
+
+
+def test_a_run_s_programs_follow_its_method():
+  names = _names()
+  assert [n.split(" b")[0] for n in names[:2]] == [
+    "train step warm-up",
+    "train step main",
+  ]
+  assert "encode images b256" in names and "encode captions b256" in names
+  assert any(n.startswith("eval scorer tile") for n in names)
+  assert not any("selection" in n for n in names)  # r0 selects in the batch
+  assert any("selection pass" in n for n in _names(loss__selection="epoch_gmm"))
+  ncr = _names(loss__name="ncr")
+  assert [n.split(" b")[0] for n in ncr[:4]] == [
+    "ncr warm-up step",
+    "ncr co-train step",
+    "ncr co-train step +unlabelled",
+    "ncr division pass",
+  ]
+
+
+def test_targets_state_their_chips_memory_and_peaks():
+  for name in ("h100", "h200", "v5e-1", "v5e-8", "v4-8"):
+    target = targets.TARGETS[name]
+    assert target.peak("bfloat16", "default") >= target.peak("float32", "highest")
+    # A program that moves 1 GB and does nothing else is bandwidth bound.
+    assert target.roofline(0, 1e9, "float32", "highest") == 1e9 / target.bandwidth
+  h200 = targets.TARGETS["h200"].gpu_config
+  assert "device_memory_size: 151397597184" in h200
+  assert 'device_description_str: "NVIDIA H200 141GB HBM3e"' in h200
+  assert targets.TARGETS["h100"].budget_bytes < 0.8 * 84942979072
+
+
+# ---- with the compilers ------------------------------------------------------
+
+
+def _dot_precisions(hlo: str) -> set[str]:
+  """The operand precisions of the float32 dots and GEMM calls of an HLO text."""
+  found = set()
+  for line in hlo.splitlines():
+    if re.search(r"= f32\[[^\]]*\][^ ]* dot\(", line):
+      match = re.search(r"operand_precision=\{(\w+),(\w+)\}", line)
+      found.add(match.group(1) if match else "default")
+    elif "__cublas$gemm" in line and "f32[" in line.split("custom-call")[0]:
+      match = re.search(r'"operand_precision":\["(\w+)","(\w+)"\]', line)
+      found.add(match.group(1).lower() if match else "default")
+  return found
+
+
+@pytest.mark.accelerator
+@needs_tpu
+def test_demo_train_step_compiles_for_v5e_and_fits_in_full_precision(tmp_path):
+  result, rows = _aot(
+    tmp_path, "v5e-1", "--programs=train step main", f"--hlo_dir={tmp_path}"
+  )
+  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  (row,) = rows
+  assert row["compiled"] and row["fits"] and row["temp_bytes"] > 0
+  assert row["flops"] > 0 and row["roofline_s"] > 0
+  (hlo,) = tmp_path.glob("v5e-1.*.hlo.txt")
+  assert _dot_precisions(hlo.read_text()) == {"highest"}
+
+
+@pytest.mark.accelerator
+@needs_cuda
+def test_demo_train_step_compiles_for_h200_and_fits_in_full_precision(tmp_path):
+  result, rows = _aot(
+    tmp_path, "h200", "--programs=train step main", f"--hlo_dir={tmp_path}"
+  )
+  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  (row,) = rows
+  assert row["compiled"] and row["fits"]
+  assert 0 < row["memory_share"] < 0.01
+  (hlo,) = tmp_path.glob("h200.*.hlo.txt")
+  assert _dot_precisions(hlo.read_text()) == {"highest"}
+
+
+@pytest.mark.accelerator
+@needs_tpu
+def test_json_rows_hold_the_documented_keys(tmp_path):
+  result, rows = _aot(tmp_path, "v5e-8", "--programs=encode")
+  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  assert [row["program"] for row in rows] == [
+    "encode images b256",
+    "encode captions b256",
+  ]
+  keys = "program compiled compile_s argument_bytes output_bytes temp_bytes fits"
+  for row in rows:
+    assert set(keys.split()) <= set(row)
+    assert row["target"] == "v5e-8" and row["fits"]
+
+
+@pytest.mark.accelerator
+@needs_tpu
+def test_a_program_too_large_for_the_chip_exits_non_zero(tmp_path):
+  # 2**23 images of 8 x 64 float32 regions: 16 GiB of input alone, all of a
+  # v5e chip's memory.
+  result, rows = _aot(
+    tmp_path, "v5e-1", "--programs=encode images", "--config.eval.batch_size=8388608"
+  )
+  assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+  assert "does not compile or fit: encode images" in result.stderr
+  assert not rows[0]["fits"]
