@@ -35,6 +35,10 @@ if __name__ == "__main__":
   # The CUDA plugin compiles without a GPU only if jax does not start it as a
   # backend (it would probe for a driver); the CPU backend hosts everything.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  # libtpu lets one process per machine open it unless told otherwise; this
+  # one opens no chip (topology descriptions only), so it need not wait for
+  # a training process that holds the lock.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import jax.numpy as jnp
