@@ -69,8 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
   )
   # SREM's reading of the paper (srem_jax/readings.py, docs/method.md); the six
   # component fields below take its values when left at "".
-  c.loss.reading = "r0"  # r0 | r1 | r2 | r3 | r4 | r5
-  c.loss.warmup = ""  # warm-up on every pair: ccl | triplet_mean | ccl+triplet_mean
+  c.loss.reading = "r0"  # r0 ... r7
+  # warm-up on every pair: ccl | triplet_mean | ccl+triplet_mean | ccl+anchor_triplet_mean
+  c.loss.warmup = ""
   c.loss.selection = ""  # clean-sample filtration: batch | epoch_gmm
   c.loss.clean_loss = ""  # on selected pairs: triplet | ce (in-batch classification)
   c.loss.clean_negatives = ""  # clean triplet negatives: hardest | mean

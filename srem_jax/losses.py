@@ -19,8 +19,10 @@ BIASES = ("cross_modal", "same_modal")
 NEGATIVES = ("hardest", "mean")  # which negatives SREM's clean-pair triplet uses
 REDUCTIONS = ("sum", "mean")  # how it combines its selected anchors
 # SREM's warm-up on every pair: RCL's complementary loss, NCR's mean-negative
-# triplet (summed over anchors, as NCR warms up), or both added.
-WARMUPS = ("ccl", "triplet_mean", "ccl+triplet_mean")
+# triplet (summed over anchors, as NCR warms up), or the complementary loss
+# plus the mean-negative triplet summed over anchors or averaged over them
+# (CMBCL's per-anchor scale).
+WARMUPS = ("ccl", "triplet_mean", "ccl+triplet_mean", "ccl+anchor_triplet_mean")
 # The loss on selected pairs: a triplet, or the in-batch classification
 # cross-entropy over S / tau.
 CLEAN_LOSSES = ("triplet", "ce")
@@ -239,7 +241,8 @@ def warmup_loss(S, kind="ccl", *, tau=0.05, margin=0.2, bias="cross_modal", eps=
 
   "ccl" is RCL's complementary loss (CMBCL with β = 0); "triplet_mean" is
   NCR's warm-up, the mean-negative triplet summed over anchors; with
-  "ccl+triplet_mean" both are added. Returns `(loss, parts)` with the
+  "ccl+triplet_mean" both are added, and "ccl+anchor_triplet_mean" adds the
+  triplet averaged over anchors instead. Returns `(loss, parts)` with the
   triplet part under "triplet" and the complementary part under "ccl".
   """
   if kind not in WARMUPS:
@@ -248,6 +251,8 @@ def warmup_loss(S, kind="ccl", *, tau=0.05, margin=0.2, bias="cross_modal", eps=
   triplet = ccl = zero
   if "triplet_mean" in kind:
     triplet, _ = triplet_hardest(S, margin, negatives="mean")
+    if kind.endswith("anchor_triplet_mean"):
+      triplet = triplet / S.shape[0]
   if "ccl" in kind:
     ccl, _ = complementary_loss(S, tau, 0.0, bias, eps)
   return triplet + ccl, {"triplet": triplet, "ccl": ccl}

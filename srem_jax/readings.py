@@ -11,7 +11,9 @@ The choices, each beside the sentence of the abstract it interprets:
 - `warmup` — SREM first trains on every pair before it filters any (the
   abstract's method starts from a model that already "fits clean samples"):
   RCL's complementary loss (`ccl`), NCR's mean-negative triplet
-  (`triplet_mean`), or both added (`ccl+triplet_mean`).
+  (`triplet_mean`), or both added, the triplet summed over anchors as NCR
+  does (`ccl+triplet_mean`) or averaged over them
+  (`ccl+anchor_triplet_mean`).
 - `selection` — "clean samples are filtered by their high similarity and low
   energy uncertainty": a rule inside each batch (`batch`: the partner is
   the arg-max both ways and the energy is at or below a batch quantile,
@@ -102,6 +104,25 @@ READINGS = {
     clean_loss="ce",
     clean_negatives="hardest",
     clean_reduction="mean",
+    entropy_use="weight",
+  ),
+  # r1 after a warm-up whose triplet is averaged over anchors: the
+  # complementary loss keeps its weight in the warm-up's gradient.
+  "r6": dict(
+    warmup="ccl+anchor_triplet_mean",
+    selection="epoch_gmm",
+    clean_loss="ce",
+    clean_negatives="hardest",
+    clean_reduction="mean",
+    entropy_use="weight",
+  ),
+  # r0's selected-pair phase after the same warm-up as r6.
+  "r7": dict(
+    warmup="ccl+anchor_triplet_mean",
+    selection="batch",
+    clean_loss="triplet",
+    clean_negatives="hardest",
+    clean_reduction="sum",
     entropy_use="weight",
   ),
 }
