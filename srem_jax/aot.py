@@ -13,16 +13,21 @@ reports a cost (TPU) its FLOPs, bytes accessed and a roofline time.
 
     python -m srem_jax.aot --config=configs/flickr.py --target=v5e-8 --json=rows.json
 
-Needs the target's compiler: libtpu for TPUs (`pip install -e '.[tpu]'`), the
-CUDA 12 plugin for NVIDIA (`pip install -e '.[cuda_compile]'`: no CUDA
-libraries are needed to compile). The exit
-status is 1 when a program does not compile or does not fit.
+Needs the target's compiler: libtpu for TPUs (`pip install -e '.[tpu]'`,
+~0.7 GB), the CUDA 12 plugin for NVIDIA (`pip install -e '.[cuda_compile]'`,
+~0.5 GB: no CUDA libraries are needed to compile). Both hook into every jax
+process of the environment they are installed in (the plugin logs a line on
+stderr at each start where no driver exists; libtpu takes a machine-wide
+lock), so on a shared CPU machine install them apart and point this command
+at them: `pip install --target DIR ...`, then `PYTHONPATH=DIR python -m
+srem_jax.aot ...`. The exit status is 1 when a program does not compile or
+does not fit.
 
-Caveats the rows carry: a program is compiled at the largest caption bucket
-(the run compiles one train step per bucket; the largest needs the most
-memory); XLA's cost analysis counts the body of a loop once, not once per
-iteration, so FLOPs, bytes and the roofline of a program with loops (every
-train step and scorer: the heads scan over chunks) are lower bounds.
+Caveats: a program is compiled at the largest caption bucket (the run
+compiles one train step per bucket; the largest needs the most memory); XLA's
+cost analysis counts the body of a loop once, not once per iteration, so the
+FLOPs, bytes and roofline of a program with loops (a row's `loops` > 0: every
+train step and scorer, whose heads scan over chunks) are lower bounds.
 """
 
 import dataclasses
@@ -364,6 +369,7 @@ def compile_program(program: Program, target: targets.Target, dtype, precision):
     memory_share=need / target.budget_bytes,
     fits=need <= target.budget_bytes,
   )
+  row["loops"] = compiled.as_text().count(" while(")
   cost = compiled.cost_analysis()
   if isinstance(cost, list):  # older jax: one dict per partition
     cost = cost[0] if cost else None
@@ -512,6 +518,11 @@ def main(argv, flag_values) -> None:
   bad = [row["program"] for row in rows if not (row["compiled"] and row["fits"])]
   total = sum(row["compile_s"] for row in rows)
   print(f"{len(rows)} programs, {total:.0f} s compiling", flush=True)
+  if any(row.get("loops") and "flops" in row for row in rows):
+    print(
+      "FLOPs, bytes moved and roofline count each loop body once: for programs "
+      "with loops they are lower bounds"
+    )
   if bad:
     print(f"error: does not compile or fit: {', '.join(bad)}", file=sys.stderr)
     sys.exit(1)
