@@ -174,7 +174,6 @@ def run_command(args, cwd):
   )
 
 
-@pytest.mark.slow
 def test_paired_against_a_baseline_lists_srem_and_its_readings():
   ccl = study.Setting("caption", 0.4, "ccl")
   srem = study.Setting("caption", 0.4, "srem")
@@ -204,6 +203,7 @@ def test_plan_trains_each_reading_at_every_noise_condition():
   assert r1.run_name(3) == "caption0.2_srem_r1_s3"
 
 
+@pytest.mark.slow
 def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
   out = tmp_path / "study"
   args = [
