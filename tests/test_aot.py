@@ -172,3 +172,24 @@ def test_a_program_too_large_for_the_chip_exits_non_zero(tmp_path):
   assert result.returncode == 1, result.stdout + result.stderr[-3000:]
   assert "does not compile or fit: encode images" in result.stderr
   assert not rows[0]["fits"]
+
+
+def test_each_target_resolves_the_sizes_a_run_there_would():
+  plan = lambda name: execution.resolve(
+    demo.get_config().execution, device=aot._TargetDevice(targets.TARGETS[name])
+  )
+  h200, h100, v5e = plan("h200"), plan("h100"), plan("v5e-1")
+  assert (h200.preset, h200.img_chunk, h200.img_tile) == ("gpu", 32, 1024)
+  # An H100 offers 60 of the 96 GiB the gpu preset was sized for.
+  assert (h100.preset, h100.img_chunk, h100.img_tile) == ("gpu", 16, 512)
+  assert (v5e.preset, v5e.img_chunk) == ("tpu", 8)
+
+
+def test_a_dataset_s_sizes_come_from_the_config_or_are_stated():
+  from configs import flickr
+
+  shapes = aot.data_shapes(flickr.get_config())
+  assert (shapes.caption_len, shapes.vocab_size, shapes.num_regions) == (77, 8481, 36)
+  assert "77" in shapes.note
+  assert aot.data_shapes(flickr.get_config(), caption_len=48).caption_len == 48
+  assert aot.data_shapes(demo.get_config()).num_regions == 8
