@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   )
   # SREM's reading of the paper (srem_jax/readings.py, docs/method.md); the six
   # component fields below take its values when left at "".
-  c.loss.reading = "r0"  # r0 ... r7
+  c.loss.reading = "r7"  # r0 ... r7 (docs/method.md, Default reading)
   # warm-up on every pair: ccl | triplet_mean | ccl+triplet_mean | ccl+anchor_triplet_mean
   c.loss.warmup = ""
   c.loss.selection = ""  # clean-sample filtration: batch | epoch_gmm
