@@ -193,3 +193,19 @@ def test_a_dataset_s_sizes_come_from_the_config_or_are_stated():
   assert "77" in shapes.note
   assert aot.data_shapes(flickr.get_config(), caption_len=48).caption_len == 48
   assert aot.data_shapes(demo.get_config()).num_regions == 8
+
+
+@pytest.mark.accelerator
+@needs_tpu
+def test_v5e_8_train_step_loops_hold_only_the_collectives_the_math_needs(tmp_path):
+  from srem_jax import accelerator_checks
+
+  result, rows = _aot(
+    tmp_path, "v5e-8", "--programs=train step main", f"--hlo_dir={tmp_path}", *FAST
+  )
+  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  (hlo,) = tmp_path.glob("v5e-8.*.hlo.txt")
+  loops = accelerator_checks.scan_collectives(hlo.read_text())
+  assert loops  # the head's scan and the text GRU
+  # SGR's scans run per chip under shard_map: gradients are summed once, after.
+  assert [loop["sources"] for loop in loops if loop["collectives"]] == []
