@@ -420,6 +420,7 @@ def run(
   if shapes.note:
     log(f"assumed: {shapes.note}")
   rows = []
+  log(HEADER)
   for program in RunPrograms(config, mesh, plan, shapes).all():
     if only not in program.name:
       continue
@@ -501,7 +502,6 @@ def main(argv, flag_values) -> None:
     raise UserError("--config is required, e.g. --config=configs/flickr.py")
   if flag_values["target"].value is None:
     raise UserError(f"--target is required: one of {', '.join(targets.TARGETS)}")
-  print(HEADER, flush=True)
   rows = run(
     config,
     flag_values["target"].value,
