@@ -15,7 +15,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Two subprocesses of a tiny run, each compiling its own functions.
+# Three subprocesses of a tiny run, each compiling its own functions.
 pytestmark = pytest.mark.slow
 
 TINY = [
@@ -39,10 +39,8 @@ TINY = [
 ]
 
 
-def _run_guarded(module, args):
-  env = dict(
-    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_TRANSFER_GUARD="disallow"
-  )
+def _run(module, args, guard="disallow"):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_TRANSFER_GUARD=guard)
   result = subprocess.run(
     [sys.executable, "-m", module, *TINY, *args],
     env=env,
@@ -57,12 +55,14 @@ def _run_guarded(module, args):
 def test_main_and_evaluate_under_a_process_wide_transfer_guard(tmp_path):
   data = f"--config.data.raw_dir={tmp_path / 'data'}"
   guarded = tmp_path / "guarded"
-  _run_guarded("srem_jax.main", [data, f"--workdir={guarded}"])
+  _run("srem_jax.main", [data, f"--workdir={guarded}"])
   test = json.loads((guarded / "results.json").read_text())["test"]
+  # The guard changes no number: an unguarded run of the same command.
+  unguarded = tmp_path / "unguarded"
+  _run("srem_jax.main", [data, f"--workdir={unguarded}"], guard="allow")
+  assert json.loads((unguarded / "results.json").read_text())["test"] == test
   evaluated = tmp_path / "eval"
-  _run_guarded(
-    "srem_jax.evaluate", [data, f"--checkpoint={guarded}", f"--workdir={evaluated}"]
-  )
+  _run("srem_jax.evaluate", [data, f"--checkpoint={guarded}", f"--workdir={evaluated}"])
   again = json.loads((evaluated / "results.json").read_text())
   for key, value in test.items():
     assert again[key] == pytest.approx(value, abs=1e-9), key
