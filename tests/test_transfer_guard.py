@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +41,7 @@ TINY = [
 
 
 def _run(module, args, guard="disallow"):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_TRANSFER_GUARD=guard)
+  env = xla_env.subprocess_env(JAX_TRANSFER_GUARD=guard)
   result = subprocess.run(
     [sys.executable, "-m", module, *TINY, *args],
     env=env,
