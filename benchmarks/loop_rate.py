@@ -74,7 +74,7 @@ def bare_rate(config, workdir, steps):
     train.loss_options(config.loss),
     run.mesh,
     warmup=True,
-    external_clean=False,
+    external_selection=False,
   )
   state, metrics = step(state, batch)
   jax.block_until_ready(state)

@@ -78,10 +78,10 @@ def train_step_program(
     "images": spec((batch, dims["num_regions"], dims["img_dim"]), jnp.float32),
     "tokens": spec((batch, caption_len), jnp.int32),
     "lengths": spec((batch,), jnp.int32),
-    "clean": spec((batch,), jnp.bool_),
+    "truly_clean": spec((batch,), jnp.bool_),
   }
   fn = step.make_train_step(
-    model, tx, step.loss_options(config.loss), mesh, warmup=False, external_clean=False
+    model, tx, step.loss_options(config.loss), mesh, warmup=False, external_selection=False
   )
   return fn, (state, batch_spec)
 

@@ -187,7 +187,7 @@ class RunPrograms:
       "lengths": _spec((size,), jnp.int32, rows),
       "cap_index": _spec((size,), jnp.int32, rows),
       "img_index": _spec((size,), jnp.int32, rows),
-      "clean": _spec((size,), jnp.bool_, rows),
+      "truly_clean": _spec((size,), jnp.bool_, rows),
     }
     if not self.on_device:
       batch["images"] = _spec((size, s.num_regions, s.img_dim), jnp.float32, rows)
@@ -222,7 +222,7 @@ class RunPrograms:
     for phase, warmup, ext in phases:
       fn = step.make_train_step(
         self.model, tx, step.loss_options(config.loss), self.mesh, warmup=warmup,
-        external_clean=ext, features_on_device=self.on_device, summed=True,
+        external_selection=ext, features_on_device=self.on_device, summed=True,
       )  # fmt: skip
       batch = self._batch(batch_size, *(("selected",) if ext else ()))
       name = f"train step {phase} b{batch_size}"

@@ -141,7 +141,7 @@ def _random_batch(rng, batch, caption_len, dims, lengths=None):
     "images": images.astype(np.float32),
     "tokens": tokens.astype(np.int32),
     "lengths": lengths.astype(np.int32),
-    "clean": np.ones(batch, bool),
+    "truly_clean": np.ones(batch, bool),
   }
 
 
@@ -187,7 +187,7 @@ def bench_train_step(
     mesh=mesh,
   )
   train_step = step.make_train_step(
-    model, tx, step.loss_options(config.loss), mesh, warmup=False, external_clean=False
+    model, tx, step.loss_options(config.loss), mesh, warmup=False, external_selection=False
   )
   data = sharding.global_batch(
     _random_batch(rng, batch, caption_len, dims, lengths), mesh

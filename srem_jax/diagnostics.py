@@ -8,7 +8,7 @@ turns an epoch's accumulated sums into the numbers written to metrics.jsonl.
 `pair_values` and `PairCollector` keep every pair's values of an epoch for
 its histograms.
 
-    sums = selection_sums(aux, batch["clean"])      # per step, on device
+    sums = selection_sums(aux, batch["truly_clean"])  # per step, on device
     summary = epoch_summary(accumulated_sums)       # per epoch, on the host
 """
 
@@ -21,15 +21,19 @@ import numpy as np
 from srem_jax.errors import UserError
 
 
-def selection_sums(aux, truth_clean) -> dict:
-  """Per-batch sums from which epoch precision/recall and means are formed."""
+def selection_sums(aux, truly_clean) -> dict:
+  """Per-batch sums from which epoch precision/recall and means are formed.
+
+  `aux["clean"]` is the mask the loss trained as clean (`trained_clean`),
+  `truly_clean` the injected truth; the selection is scored as the first
+  against the second."""
   chosen = aux["clean"].astype(jnp.float32)
-  truth = truth_clean.astype(jnp.float32)
+  truth = truly_clean.astype(jnp.float32)
   return {
     "n": jnp.asarray(truth.shape[0], jnp.float32),
-    "selected": chosen.sum(),
-    "selected_true": (chosen * truth).sum(),
-    "true_clean": truth.sum(),
+    "trained_clean": chosen.sum(),
+    "trained_truly_clean": (chosen * truth).sum(),
+    "truly_clean": truth.sum(),
     "energy_clean": (aux["energy"] * truth).sum(),
     "energy_noisy": (aux["energy"] * (1 - truth)).sum(),
     "entropy_clean": (aux["entropy"] * truth).sum(),
@@ -37,12 +41,12 @@ def selection_sums(aux, truth_clean) -> dict:
   }
 
 
-def pair_values(aux, truth_clean) -> dict:
+def pair_values(aux, truly_clean) -> dict:
   """Each pair's energy, swapped entropy and injected-noise truth, shape (K,)."""
   return {
     "energy": aux["energy"],
     "entropy": aux["entropy"],
-    "truly_clean": truth_clean.astype(bool),
+    "truly_clean": truly_clean.astype(bool),
   }
 
 
@@ -77,15 +81,16 @@ def epoch_summary(sums: dict) -> dict:
   """Epoch diagnostics from accumulated `selection_sums` and loss sums."""
   s = {k: float(v) for k, v in sums.items()}
   steps = max(s.pop("steps"), 1.0)
-  noisy = s["n"] - s["true_clean"]
+  truly_clean, chosen = s["truly_clean"], s["trained_clean"]
+  noisy = s["n"] - truly_clean
   out = {k: s[k] / steps for k in ("loss", "loss_clean", "loss_cmbcl", "grad_norm")}
   out.update(
-    selected_frac=s["selected"] / max(s["n"], 1),
-    selection_precision=s["selected_true"] / s["selected"] if s["selected"] else 0.0,
-    selection_recall=s["selected_true"] / s["true_clean"] if s["true_clean"] else 0.0,
-    energy_clean=s["energy_clean"] / s["true_clean"] if s["true_clean"] else math.nan,
+    selected_frac=chosen / max(s["n"], 1),
+    selection_precision=s["trained_truly_clean"] / chosen if chosen else 0.0,
+    selection_recall=s["trained_truly_clean"] / truly_clean if truly_clean else 0.0,
+    energy_clean=s["energy_clean"] / truly_clean if truly_clean else math.nan,
     energy_noisy=s["energy_noisy"] / noisy if noisy else math.nan,
-    entropy_clean=s["entropy_clean"] / s["true_clean"] if s["true_clean"] else math.nan,
+    entropy_clean=s["entropy_clean"] / truly_clean if truly_clean else math.nan,
     entropy_noisy=s["entropy_noisy"] / noisy if noisy else math.nan,
   )
   return out

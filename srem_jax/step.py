@@ -9,7 +9,7 @@ ahead-of-time compile imports it without the data stack.
     state = init_state(model, tx, seed=0, num_regions=36, img_dim=2048,
                        caption_len=40, mesh=mesh)
     step = make_train_step(model, tx, loss_options(config.loss), mesh,
-                           warmup=False, external_clean=False)
+                           warmup=False, external_selection=False)
     state, metrics = step(state, batch)
 """
 
@@ -192,8 +192,9 @@ def loss_options(loss_cfg) -> dict:
 PAIRS = "pairs"
 # The metrics the loop sums over an epoch's steps (`steps` counts them).
 SUMMED = (
-  "loss loss_clean loss_cmbcl clean_frac grad_norm n selected selected_true "
-  "true_clean energy_clean energy_noisy entropy_clean entropy_noisy steps"
+  "loss loss_clean loss_cmbcl trained_clean_frac grad_norm n trained_clean "
+  "trained_truly_clean truly_clean energy_clean energy_noisy entropy_clean "
+  "entropy_noisy steps"
 ).split()
 
 
@@ -209,8 +210,16 @@ def add_to_sums(sums: dict, metrics: dict) -> dict:
   return jax.tree.map(lambda s, m: s + m.astype(s.dtype), sums, metrics)
 
 
-def train_step(state, batch, clean, features=None, *, model, tx, loss_kw, warmup, mesh):
-  """One update; `clean` is an externally selected mask or None (static).
+def train_step(
+  state, batch, selected, features=None, *, model, tx, loss_kw, warmup, mesh
+):
+  """One update; `selected` is the epoch's selection of clean-looking pairs
+  for this batch, or None (static) when the loss selects within the batch.
+
+  Three masks meet here and keep apart: `selected` (the selection given to
+  the loss), `batch["truly_clean"]` (the injected truth, for diagnostics
+  only) and the loss's `aux["clean"]`, the pairs it trained as clean
+  (`trained_clean` in the metrics).
 
   With `features` (every training image, replicated) the batch carries no
   `images`: they are gathered from it by `img_index`. `metrics[PAIRS]` holds
@@ -227,7 +236,7 @@ def train_step(state, batch, clean, features=None, *, model, tx, loss_kw, warmup
     scores, batch_stats = batch_scores(
       model, params, state.batch_stats, batch, train=True, rng=rng, mesh=mesh
     )
-    loss, aux = losses.objective(scores, warmup=warmup, clean=clean, **loss_kw)
+    loss, aux = losses.objective(scores, warmup=warmup, clean=selected, **loss_kw)
     return loss, (aux, batch_stats)
 
   grads, (aux, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -236,10 +245,12 @@ def train_step(state, batch, clean, features=None, *, model, tx, loss_kw, warmup
   new_state = state.replace(
     step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
   )
-  metrics = {k: aux[k] for k in ("loss", "loss_clean", "loss_cmbcl", "clean_frac")}
+  metrics = {k: aux[k] for k in ("loss", "loss_clean", "loss_cmbcl")}
+  metrics["trained_clean_frac"] = aux["clean_frac"]
   metrics["grad_norm"] = optax.global_norm(grads)
-  metrics.update(diagnostics.selection_sums(aux, batch["clean"]))
-  metrics[PAIRS] = diagnostics.pair_values(aux, batch["clean"])
+  truly_clean = batch["truly_clean"]
+  metrics.update(diagnostics.selection_sums(aux, truly_clean))
+  metrics[PAIRS] = diagnostics.pair_values(aux, truly_clean)
   return new_state, metrics
 
 
@@ -250,7 +261,7 @@ def make_train_step(
   mesh,
   *,
   warmup: bool,
-  external_clean: bool,
+  external_selection: bool,
   features_on_device: bool = False,
   summed: bool = False,
 ):
@@ -270,11 +281,11 @@ def make_train_step(
     train_step, model=model, tx=tx, loss_kw=loss_kw, warmup=warmup, mesh=mesh
   )
 
-  def clean(batch):
-    return batch["selected"] if external_clean else None
+  def selected(batch):
+    return batch["selected"] if external_selection else None
 
   def fn(state, batch, *features):
-    return step(state, batch, clean(batch), *features)
+    return step(state, batch, selected(batch), *features)
 
   if summed:
     plain = fn

@@ -263,7 +263,7 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
               loss_kw,
               run.mesh,
               warmup=warmup,
-              external_clean=external,
+              external_selection=external,
               features_on_device=run.features is not None,
               summed=True,
             )
@@ -286,7 +286,7 @@ def _train(run: _Run, state, selection, record, stop: _StopFlag):
         report.log(
           f"epoch {epoch + 1}/{tcfg.epochs}{' (warm-up)' if warmup else ''} "
           f"{progress.line(done)} | loss {summary['loss']:.4f} "
-          f"clean {summary['selected_frac']:.2f} "
+          f"selected {summary['selected_frac']:.2f} "
           f"prec {summary['selection_precision']:.3f} "
           f"rec {summary['selection_recall']:.3f}"
         )
@@ -320,7 +320,7 @@ def _compile_seconds(compiled: dict) -> float:
 
 def _host_batches(loader, selection, step: int, spe: int):
   """The loader's batches from `step` to the end of its epoch, each with the
-  epoch's external clean mask when there is one (`selection`)."""
+  epoch's selection when there is one (`selection`)."""
   for _ in range(step, (step // spe + 1) * spe):
     batch = next(loader)
     if selection is not None:

@@ -68,7 +68,7 @@ def main(argv):
     mesh=mesh,
   )
   step_fn = train.make_train_step(
-    model, tx, tiny.loss_options(), mesh, warmup=False, external_clean=False
+    model, tx, tiny.loss_options(), mesh, warmup=False, external_selection=False
   )
   # Rows of a global batch follow the mesh's device order, which groups each
   # process's devices together: process i owns one contiguous block.

@@ -94,7 +94,7 @@ def _make_step(model, tx, mesh, on_device):
     tiny.loss_options(),
     mesh,
     warmup=False,
-    external_clean=True,
+    external_selection=True,
     features_on_device=on_device,
   )
 

@@ -161,7 +161,7 @@ def test_training_batches_are_padded_to_their_bucket_and_resume(long_split):
     assert full["tokens"].shape[1] == long_split.max_caption_len
     np.testing.assert_array_equal(short["tokens"], full["tokens"][:, :width])
     assert not full["tokens"][:, width:].any()
-    for key in ("lengths", "cap_index", "img_index", "images", "clean"):
+    for key in ("lengths", "cap_index", "img_index", "images", "truly_clean"):
       np.testing.assert_array_equal(short[key], full[key])
   assert len(widths) >= 2  # the test exercises more than one bucket
   state = bucketed.get_state()
@@ -230,7 +230,7 @@ def test_bucketed_step_equals_padded_to_max_on_eight_devices(long_split, head):
   # length with the plain head (no length groups).
   make_step = lambda model: step.make_train_step(
     model, tx, tiny.loss_options("srem"), mesh, warmup=head == "saf",
-    external_clean=False,
+    external_selection=False,
   )  # fmt: skip
   # Groups of 4: a batch of 16 (2 per device) spans several buckets.
   train_step = make_step(model.clone(length_group=4))

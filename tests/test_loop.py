@@ -62,7 +62,7 @@ def reference_run(config, workdir):
           loss_kw,
           run.mesh,
           warmup=warmup,
-          external_clean=clean_given,
+          external_selection=clean_given,
         )
       state, metrics = steps[key](state, sharding.global_batch(batch, run.mesh))
       metrics.pop(train.PAIRS)

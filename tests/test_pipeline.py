@@ -78,7 +78,7 @@ def test_batches_join_images_through_the_noisy_index(data, noisy):
     assert batch["tokens"].shape == (8, 12) and batch["tokens"].dtype == np.int32
     np.testing.assert_array_equal(batch["img_index"], t2i[k])
     np.testing.assert_array_equal(batch["images"], truth["train"].images[t2i[k]])
-    np.testing.assert_array_equal(batch["clean"], clean[k])
+    np.testing.assert_array_equal(batch["truly_clean"], clean[k])
     for row, cap in enumerate(k):
       want = truth["train"].tokens[cap]
       assert batch["lengths"][row] == len(want)
@@ -186,7 +186,7 @@ def test_pair_stream_covers_the_training_set_once(data, noisy):
   )
   for batch in batches:
     np.testing.assert_array_equal(batch["img_index"], t2i[batch["cap_index"]])
-    np.testing.assert_array_equal(batch["clean"], clean[batch["cap_index"]])
+    np.testing.assert_array_equal(batch["truly_clean"], clean[batch["cap_index"]])
     np.testing.assert_array_equal(
       batch["images"], truth["train"].images[batch["img_index"]]
     )

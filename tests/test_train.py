@@ -32,7 +32,7 @@ def run_steps(mesh, head, name, warmup, steps=2):
     model, tx, seed=0, num_regions=R, img_dim=D, caption_len=L, mesh=mesh
   )
   step = train.make_train_step(
-    model, tx, tiny.loss_options(name), mesh, warmup=warmup, external_clean=False
+    model, tx, tiny.loss_options(name), mesh, warmup=warmup, external_selection=False
   )
   losses = []
   for i in range(steps):
@@ -139,14 +139,14 @@ def test_step_returns_each_pairs_energy_entropy_and_truth():
     scores, loss_kw["tau"], loss_kw["energy_temp"]
   )
   step = train.make_train_step(
-    model, tx, loss_kw, mesh, warmup=False, external_clean=False
+    model, tx, loss_kw, mesh, warmup=False, external_selection=False
   )
   _, metrics = step(state, inputs)
   pairs = jax.device_get(metrics[train.PAIRS])
   chex.assert_shape([pairs["energy"], pairs["entropy"], pairs["truly_clean"]], (K,))
   np.testing.assert_allclose(pairs["energy"], energy, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(pairs["entropy"], entropy, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(pairs["truly_clean"], host["clean"])
+  np.testing.assert_array_equal(pairs["truly_clean"], host["truly_clean"])
   assert np.ptp(energy) > 1e-3 and np.ptp(entropy) > 1e-3  # not a constant
 
 

@@ -37,5 +37,5 @@ def random_batch(seed, *, batch, regions, features, caption_len, vocab):
     "lengths": lengths,
     "cap_index": np.arange(batch, dtype=np.int32),
     "img_index": np.arange(batch, dtype=np.int32),
-    "clean": rng.random(batch) < 0.7,
+    "truly_clean": rng.random(batch) < 0.7,
   }

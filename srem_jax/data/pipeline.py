@@ -197,7 +197,7 @@ def _pair_batch(
     "lengths": lengths,
     "cap_index": cap_index.astype(np.int32),
     "img_index": img_index.astype(np.int32),
-    "clean": clean[cap_index],
+    "truly_clean": clean[cap_index],
   }
   if with_images:
     batch["images"] = split.images(img_index)
