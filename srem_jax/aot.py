@@ -52,7 +52,7 @@ from absl import flags
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from srem_jax import execution, readings, sharding, step, targets
+from srem_jax import config_checks, execution, readings, sharding, step, targets
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import DTYPES, build_model
 
@@ -125,12 +125,9 @@ class _TargetDevice:
 
 
 def target_mesh(devices, data_axis: int = -1) -> Mesh:
-  """The run's ("data",) mesh (`sharding.make_mesh`) over the target's chips."""
+  """The run's ("data",) mesh (`sharding.make_mesh`) over the target's chips
+  (`data_axis` checked by `config_checks.check_mesh`)."""
   size = len(devices) if data_axis == -1 else data_axis
-  if size < 1 or size > len(devices):
-    raise UserError(
-      f"config mesh.data={data_axis}: expected -1 (all) or 1..{len(devices)} devices"
-    )
   return Mesh(
     np.asarray(devices[:size]), (sharding.DATA_AXIS,), axis_types=(AxisType.Auto,)
   )
@@ -405,8 +402,8 @@ def run(
       f"--target={target_name}: cannot build {target.platform} devices here "
       f"({_first_line(error)}); install the compiler: {INSTALL[target.platform]}"
     ) from None
+  config_checks.validate(config, len(devices))
   mesh = target_mesh(devices, config.mesh.data)
-  sharding.check_batch_divisible(config.train.batch_size, mesh)
   plan = execution.resolve(config.execution, device=_TargetDevice(target))
   shapes = data_shapes(config, caption_len, vocab_size)
   dtype, precision = config.model.dtype, plan.matmul_precision

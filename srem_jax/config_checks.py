@@ -14,6 +14,8 @@ import math
 
 from srem_jax import execution, losses, ncr, padding, readings
 from srem_jax.errors import UserError
+from srem_jax.models.heads import REMAT_MODES
+from srem_jax.models.numerics import PRECISIONS
 
 _CHOICES = {
   "data.eval_protocol": ("full", "coco"),
@@ -59,8 +61,11 @@ def _get(config, key):
   return node
 
 
-def validate(config, num_devices: int | None = None) -> None:
-  """Raises UserError for the first invalid field found."""
+def validate(
+  config, num_devices: int | None = None, process_count: int = 1
+) -> None:
+  """Raises UserError for the first invalid field found; with `num_devices`,
+  also the fields that must fit the devices (`mesh.data`, the batch)."""
   for key in _BOOLEANS:
     check_boolean(config, key)
   for key, allowed in _CHOICES.items():
@@ -81,7 +86,7 @@ def validate(config, num_devices: int | None = None) -> None:
       raise UserError(f"config {key}={value!r}: must be in {lo}{low}, {high}{hi}")
   validate_loss(config.loss)
   validate_ncr(config.ncr)
-  execution.resolve(config.execution)  # raises for a bad preset, size or precision
+  validate_execution(config.execution)
   if config.train.warmup_epochs > config.train.epochs:
     raise UserError(
       f"config train.warmup_epochs={config.train.warmup_epochs} exceeds "
@@ -89,18 +94,74 @@ def validate(config, num_devices: int | None = None) -> None:
     )
   if not config.data.name or "/" in config.data.name:
     raise UserError(f"config data.name={config.data.name!r}: must be a folder name")
-  mesh_data = config.mesh.data
   if num_devices is not None:
-    if mesh_data != -1 and not 1 <= mesh_data <= num_devices:
+    devices = check_mesh(config.mesh.data, num_devices, process_count)
+    check_batch_divisible(config.train.batch_size, devices)
+
+
+def check_mesh(mesh_data: int, num_devices: int, process_count: int = 1) -> int:
+  """The devices of the data axis `mesh.data` asks for among `num_devices`."""
+  if mesh_data != -1 and not 1 <= mesh_data <= num_devices:
+    raise UserError(
+      f"config mesh.data={mesh_data}: must be -1 (all) or 1..{num_devices} devices"
+    )
+  if mesh_data not in (-1, num_devices) and process_count > 1:
+    raise UserError(
+      f"config mesh.data={mesh_data}: a multi-process run uses all "
+      f"{num_devices} devices; set mesh.data=-1"
+    )
+  return num_devices if mesh_data == -1 else mesh_data
+
+
+def check_batch_divisible(batch_size: int, devices: int) -> None:
+  if batch_size % devices:
+    raise UserError(
+      f"config train.batch_size={batch_size} must be divisible by the "
+      f"{devices} devices of the data axis; use a multiple of {devices}"
+    )
+
+
+def check_batch_fits(batch_size: int, n_captions: int) -> None:
+  """An epoch needs one whole batch of training captions."""
+  if batch_size > n_captions:
+    raise UserError(
+      f"config train.batch_size={batch_size} exceeds the {n_captions} "
+      "training captions"
+    )
+
+
+def validate_execution(exec_cfg) -> None:
+  """`config.execution` (a mapping; None = every default), as
+  `execution.resolve` reads it."""
+  get = (lambda k, d: d) if exec_cfg is None else (lambda k, d: exec_cfg.get(k, d))
+  name = get("preset", "auto")
+  if name not in execution.PRESET_NAMES:
+    raise UserError(
+      f"config execution.preset={name!r}: must be one of "
+      f"{', '.join(execution.PRESET_NAMES)}"
+    )
+  precision = get("matmul_precision", "highest")
+  if precision not in PRECISIONS:
+    raise UserError(
+      f"config execution.matmul_precision={precision!r}: must be one of "
+      f"{', '.join(PRECISIONS)}"
+    )
+  for key in ("img_chunk", "cap_chunk", "length_group", "img_tile", "cap_tile"):
+    value = get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise UserError(
-        f"config mesh.data={mesh_data}: must be -1 (all) or 1..{num_devices} devices"
+        f"config execution.{key}={value!r}: must be a positive integer "
+        "(0 = the preset's)"
       )
-    devices = num_devices if mesh_data == -1 else mesh_data
-    if config.train.batch_size % devices:
-      raise UserError(
-        f"config train.batch_size={config.train.batch_size} must be divisible by "
-        f"the {devices} devices of the data axis"
-      )
+  remat = get("remat", "")
+  if remat and remat not in REMAT_MODES:
+    raise UserError(
+      f"config execution.remat={remat!r}: must be one of {', '.join(REMAT_MODES)} "
+      "or '' (the preset's)"
+    )
+  by_length = get("by_length", True)
+  if not isinstance(by_length, bool):
+    raise UserError(f"config execution.by_length={by_length!r}: must be True or False")
 
 
 def check_boolean(config, key: str) -> bool:
@@ -125,11 +186,7 @@ def validate_data(config, *, train, val, test) -> None:
       f"config data.val_images={n_val} but split {config.data.val_split!r} has "
       f"only {val.n_images} images"
     )
-  if config.train.batch_size > train.n_captions:
-    raise UserError(
-      f"config train.batch_size={config.train.batch_size} exceeds the "
-      f"{train.n_captions} training captions"
-    )
+  check_batch_fits(config.train.batch_size, train.n_captions)
 
 
 def _number(loss_cfg, field, accept, expected):

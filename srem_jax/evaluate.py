@@ -17,7 +17,15 @@ import jax
 import numpy as np
 from absl import flags
 
-from srem_jax import checkpoint, cli, execution, padding, retrieval, sharding
+from srem_jax import (
+  checkpoint,
+  cli,
+  config_checks,
+  execution,
+  padding,
+  retrieval,
+  sharding,
+)
 from srem_jax.data import dataset, pipeline
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import build_model
@@ -133,6 +141,7 @@ def run_evaluation(
     raise UserError(
       "--checkpoint is required (a run workdir, checkpoint folder or .pth.tar)"
     )
+  config_checks.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config.mesh.data)
   print(f"execution: {execution.resolve(config.execution).reason}")
   warning = execution.cpu_fallback_warning(config.execution)

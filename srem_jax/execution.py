@@ -20,9 +20,6 @@ from typing import Any, NamedTuple
 
 import jax
 
-from srem_jax.errors import UserError
-from srem_jax.models.heads import REMAT_MODES
-from srem_jax.models.numerics import PRECISIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,19 +141,11 @@ def _scaled(preset: Preset, memory: int | None) -> tuple[Preset, str]:
 
 def resolve(exec_cfg=None, device=None) -> Execution:
   """Concrete sizes from `config.execution` (None = all defaults) for `device`
-  (default: the first device). Fields left at 0 or "" come from the preset."""
+  (default: the first device). Fields left at 0 or "" come from the preset.
+  The fields were checked at start-up (`config_checks.validate_execution`)."""
   get = (lambda k, d: d) if exec_cfg is None else (lambda k, d: exec_cfg.get(k, d))
   name = get("preset", "auto")
-  if name not in PRESET_NAMES:
-    raise UserError(
-      f"config execution.preset={name!r}: must be one of {', '.join(PRESET_NAMES)}"
-    )
   precision = get("matmul_precision", "highest")
-  if precision not in PRECISIONS:
-    raise UserError(
-      f"config execution.matmul_precision={precision!r}: must be one of "
-      f"{', '.join(PRECISIONS)}"
-    )
   device = device or jax.devices()[0]
   how = "chosen"
   if name == "auto":
@@ -165,23 +154,9 @@ def resolve(exec_cfg=None, device=None) -> Execution:
   preset, memory_note = _scaled(PRESETS[name], device_memory_bytes(device))
   sizes = {}
   for key in ("img_chunk", "cap_chunk", "length_group", "img_tile", "cap_tile"):
-    value = get(key, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-      raise UserError(
-        f"config execution.{key}={value!r}: must be a positive integer "
-        "(0 = the preset's)"
-      )
-    sizes[key] = value or getattr(preset, key)
+    sizes[key] = get(key, 0) or getattr(preset, key)
   remat = get("remat", "") or preset.remat
-  if remat not in REMAT_MODES:
-    raise UserError(
-      f"config execution.remat={remat!r}: must be one of {', '.join(REMAT_MODES)} "
-      "or '' (the preset's)"
-    )
-  by_length = get("by_length", True)
-  if not isinstance(by_length, bool):
-    raise UserError(f"config execution.by_length={by_length!r}: must be True or False")
-  if not by_length:
+  if not get("by_length", True):
     sizes["length_group"] = 0
   notes = ", ".join(x for x in (how, memory_note) if x)
   reason = (

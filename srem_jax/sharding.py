@@ -6,7 +6,6 @@ matmuls of sharded arrays raise `ShardingTypeError`). Each process feeds its own
 slice of the global batch; `global_batch` stitches the slices together.
 
     mesh = make_mesh(config.mesh.data)
-    check_batch_divisible(config.train.batch_size, mesh)
     batch = global_batch(next(loader), mesh)  # leading axis sharded on "data"
     for batch in prefetch_global(loader, mesh, depth=2): ...  # batches ahead
 """
@@ -18,24 +17,15 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from srem_jax.errors import UserError
 
 DATA_AXIS = "data"
 
 
 def make_mesh(data_axis: int = -1) -> Mesh:
-  """A ("data",) mesh over all devices (-1) or, on one process, the first `data_axis`."""
+  """A ("data",) mesh over all devices (-1) or, on one process, the first
+  `data_axis` (checked by `config_checks.check_mesh`)."""
   devices = jax.devices()
   size = len(devices) if data_axis == -1 else data_axis
-  if size < 1 or size > len(devices):
-    raise UserError(
-      f"config mesh.data={data_axis}: expected -1 (all) or 1..{len(devices)} devices"
-    )
-  if size != len(devices) and jax.process_count() > 1:
-    raise UserError(
-      f"config mesh.data={data_axis}: a multi-process run uses all "
-      f"{len(devices)} devices; set mesh.data=-1"
-    )
   return Mesh(np.asarray(devices[:size]), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
@@ -78,12 +68,3 @@ def prefetch_global(
       yield queue.popleft()
   while queue:
     yield queue.popleft()
-
-
-def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
-  devices = mesh.shape[DATA_AXIS]
-  if global_batch_size % devices:
-    raise UserError(
-      f"config train.batch_size={global_batch_size} is not divisible by the "
-      f"{devices} devices of the data axis; use a multiple of {devices}"
-    )

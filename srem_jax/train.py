@@ -94,7 +94,7 @@ class _Run:
 
 
 def _open_run(config, workdir: str) -> _Run:
-  config_checks.validate(config, jax.device_count())
+  config_checks.validate(config, jax.device_count(), jax.process_count())
   on_device = config.data.features_on_device
   mesh = sharding.make_mesh(config.mesh.data)
   report = Reporter(workdir)

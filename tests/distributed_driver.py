@@ -16,7 +16,7 @@ import numpy as np
 import tiny
 from absl import app, flags
 
-from srem_jax import distributed, sharding, train
+from srem_jax import distributed, execution, sharding, train
 from srem_jax.models.sgraf import build_model
 
 _DISTRIBUTED = distributed.define_flags()
@@ -53,6 +53,7 @@ def main(argv):
       img_dim=FEATURES, embed_dim=8, word_dim=4, sim_dim=4, sgr_steps=1
     ),
     VOCAB,
+    execution.resolve(),
   )
   train_cfg = ml_collections.ConfigDict(
     dict(lr=1e-2, lr_decay_epochs=0, lr_decay_factor=0.1, grad_clip=2.0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from srem_jax import accelerator_checks as ac
-from srem_jax import execution
+from srem_jax import config_checks, execution
 from srem_jax.bench import TINY_DIMS
 from srem_jax.errors import UserError
 from srem_jax.models import heads, numerics
@@ -249,7 +249,7 @@ def test_smaller_device_gets_smaller_chunks_and_overrides_win():
 )
 def test_bad_execution_fields_name_the_field(field, value, message):
   with pytest.raises(UserError, match=message.replace(".", r"\.")):
-    execution.resolve({field: value})
+    config_checks.validate_execution({field: value})
 
 
 def test_platform_dependent_choice_is_made_at_lowering():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import xla_env
 
-from srem_jax import checkpoint, evaluate, sharding, train
+from srem_jax import checkpoint, evaluate, execution, sharding, train
 from srem_jax.data import pipeline, prepare, synthetic
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import build_model
@@ -340,7 +340,7 @@ def tiny_run_workdir(prepared, tmp_path_factory):
   config = tiny_config()
   split = pipeline.load_prepared(str(prepared / "prepared"), NAME, "train")
   state = train.init_state(
-    build_model(config.model, split.vocab_size),
+    build_model(config.model, split.vocab_size, execution.resolve()),
     train.make_optimizer(config.train, steps_per_epoch=1),
     seed=0,
     num_regions=split.num_regions,
@@ -369,7 +369,7 @@ def test_shape_check_accepts_the_matching_model(prepared, tiny_run_workdir):
   variables, record = checkpoint.load_variables(str(tiny_run_workdir))
   assert record["best_epoch"] == 1
   split = pipeline.load_prepared(str(prepared / "prepared"), NAME, "test")
-  model = build_model(tiny_config().model, split.vocab_size)
+  model = build_model(tiny_config().model, split.vocab_size, execution.resolve())
   expected = evaluate._abstract_variables(model, split, split.max_caption_len)
   checkpoint.check_shapes(variables, expected, "run")
   names = jax.tree_util.tree_flatten_with_path(variables["params"])[0]

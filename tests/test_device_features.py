@@ -13,7 +13,7 @@ import rawdata
 import tiny
 from test_main import latest_params, tiny_config
 
-from srem_jax import config_checks, resident, sharding, train
+from srem_jax import config_checks, execution, resident, sharding, train
 from srem_jax.data import noise, pipeline, prepare
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import SGRAF, build_model
@@ -123,7 +123,7 @@ def _run_steps(mesh, step, initial, images, features=None, steps=2):
 def test_step_on_resident_features_equals_the_host_fed_step():
   mesh = sharding.make_mesh(-1)
   assert mesh.size == 8
-  model = build_model(tiny.model_config("sgr", img_dim=D), VOCAB)
+  model = build_model(tiny.model_config("sgr", img_dim=D), VOCAB, execution.resolve())
   tx = optax.adam(1e-2)
   initial = jax.device_get(
     train.init_state(
@@ -157,7 +157,9 @@ def test_step_on_resident_features_equals_the_host_fed_step():
 def test_bfloat16_features_lose_nothing_a_bfloat16_model_keeps():
   """The image encoder casts its input to the matmul dtype itself."""
   mesh = sharding.make_mesh(1)
-  model = build_model(tiny.model_config("sgr", img_dim=D, dtype="bfloat16"), VOCAB)
+  model = build_model(
+    tiny.model_config("sgr", img_dim=D, dtype="bfloat16"), VOCAB, execution.resolve()
+  )
   variables = model.init(
     jax.random.PRNGKey(0), jnp.zeros((2, R, D)), train=False, method=SGRAF.encode_images
   )

@@ -212,14 +212,14 @@ def test_bucketed_step_equals_padded_to_max_on_eight_devices(long_split, head):
   import optax
   import tiny
 
-  from srem_jax import sharding, step
+  from srem_jax import execution, sharding, step
   from srem_jax.models.sgraf import build_model
 
   assert jax.device_count() == 8
   mesh = sharding.make_mesh(-1)
   # No dropout: its draws depend on the padded shape, the model's math does not.
   config = tiny.model_config(head, img_dim=FEATURES, dropout=0.0)
-  model = build_model(config, long_split.vocab_size)
+  model = build_model(config, long_split.vocab_size, execution.resolve())
   tx = optax.sgd(0.05)  # see test_train: Adam would magnify float noise
   static_len = long_split.max_caption_len
   state = step.init_state(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import rawdata
 
+from srem_jax import config_checks
 from srem_jax.data import pipeline, prepare
 from srem_jax.errors import UserError
 
@@ -118,9 +119,7 @@ def test_train_loader_rejects_bad_inputs(data, noisy):
   splits, _ = data
   t2i, clean = noisy
   with pytest.raises(UserError, match="train.batch_size=64"):
-    pipeline.train_loader(
-      splits["train"], t2i, clean, global_batch_size=64, caption_len=0, seed=0
-    )
+    config_checks.check_batch_fits(64, splits["train"].n_captions)
   with pytest.raises(UserError, match="t2i"):
     pipeline.train_loader(
       splits["train"], t2i[:-1], clean, global_batch_size=8, caption_len=0, seed=0

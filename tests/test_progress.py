@@ -9,7 +9,7 @@ import pytest
 import rawdata
 from test_main import tiny_config
 
-from srem_jax import retrieval, selection, sharding
+from srem_jax import execution, retrieval, selection, sharding
 from srem_jax.data import dataset, prepare
 from srem_jax.models.sgraf import build_model
 from srem_jax.reporting import PassProgress
@@ -135,7 +135,7 @@ def run_setup(tmp_path_factory):
   config = tiny_config(tmp_path_factory.mktemp("data"))
   config.progress.delay_s = 0.0
   data = dataset.open_data(config, str(tmp_path_factory.mktemp("run")), log=print)
-  model = build_model(config.model, data.vocab_size)
+  model = build_model(config.model, data.vocab_size, execution.resolve())
   split = data.train
   variables = model.init(
     {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},

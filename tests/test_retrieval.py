@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_main import tiny_config
 
-from srem_jax import gmm, padding, resident, retrieval, selection, sharding
+from srem_jax import execution, gmm, padding, resident, retrieval, selection, sharding
 from srem_jax.data import dataset, pipeline
 from srem_jax.losses import per_sample_stats
 from srem_jax.models import tiling
@@ -103,7 +103,7 @@ def setup(request, tmp_path_factory):
   config.mesh.data = -1
   config.progress.enabled = False
   data = dataset.open_data(config, str(tmp_path_factory.mktemp("run")), log=print)
-  model = build_model(config.model, data.vocab_size)
+  model = build_model(config.model, data.vocab_size, execution.resolve())
   mesh = sharding.make_mesh(-1)
   assert mesh.size == 8
   variables = model.init(

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from srem_jax import config_checks, execution
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import SGRAF, build_model
 from srem_jax.models.tiling import score_all
@@ -70,7 +71,7 @@ def _batch(num_img=5, num_cap=7, seed=0):
 
 def test_build_model_reads_config_and_rejects_bad_values():
   cfg = base.get_config().model
-  model = build_model(cfg, vocab_size=123)
+  model = build_model(cfg, 123, execution.resolve())
   assert (model.head, model.embed_dim, model.sim_dim, model.vocab_size) == (
     "sgr",
     1024,
@@ -78,13 +79,14 @@ def test_build_model_reads_config_and_rejects_bad_values():
     123,
   )
   cfg.dtype = "bfloat16"
-  assert build_model(cfg, 10).dtype == jnp.bfloat16
-  cfg.head = "ave"
+  assert build_model(cfg, 10, execution.resolve()).dtype == jnp.bfloat16
+  config = base.get_config()
+  config.model.head = "ave"
   with pytest.raises(UserError, match="config.model.head"):
-    build_model(cfg, 10)
-  cfg.head, cfg.dtype = "saf", "float16"
+    config_checks.validate(config)
+  config.model.head, config.model.dtype = "saf", "float16"
   with pytest.raises(UserError, match="config.model.dtype"):
-    build_model(cfg, 10)
+    config_checks.validate(config)
 
 
 @pytest.mark.parametrize("head", ["sgr", "saf"])

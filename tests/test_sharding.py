@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from srem_jax import sharding
+from srem_jax import config_checks, sharding
 from srem_jax.errors import UserError
 
 
@@ -21,7 +21,9 @@ def test_mesh_on_a_subset_and_bad_sizes():
   assert sharding.make_mesh(4).shape["data"] == 4
   for bad in (0, 9, -2):
     with pytest.raises(UserError, match="mesh.data"):
-      sharding.make_mesh(bad)
+      config_checks.check_mesh(bad, jax.device_count())
+  with pytest.raises(UserError, match="mesh.data=4: a multi-process run"):
+    config_checks.check_mesh(4, jax.device_count(), process_count=2)
 
 
 def test_global_batch_is_sharded_with_the_right_values():
@@ -52,7 +54,7 @@ def test_auto_axis_allows_plain_matmul_of_sharded_arrays():
 
 
 def test_check_batch_divisible():
-  mesh = sharding.make_mesh()
-  sharding.check_batch_divisible(128, mesh)
+  devices = sharding.make_mesh().shape["data"]
+  config_checks.check_batch_divisible(128, devices)
   with pytest.raises(UserError, match=r"train\.batch_size=12 .* 8 devices"):
-    sharding.check_batch_divisible(12, mesh)
+    config_checks.check_batch_divisible(12, devices)

@@ -10,7 +10,7 @@ import pytest
 import tiny
 from jax.sharding import Mesh
 
-from srem_jax import sharding, train
+from srem_jax import execution, sharding, train
 from srem_jax.models.sgraf import build_model
 
 K, R, D, L, VOCAB = 16, 4, 12, 7, 30
@@ -23,7 +23,7 @@ def batch(seed):
 
 
 def run_steps(mesh, head, name, warmup, steps=2):
-  model = build_model(tiny.model_config(head, img_dim=D), VOCAB)
+  model = build_model(tiny.model_config(head, img_dim=D), VOCAB, execution.resolve())
   # Plain SGD keeps the comparison about the sharded gradient: Adam would turn
   # float noise in exactly-zero gradients (a bias before BatchNorm, SGR's key
   # bias under a softmax) into whole-sized steps.
@@ -69,7 +69,9 @@ def test_pair_scoring_is_split_across_devices():
   flops = {}
   for n in (1, 8):
     mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
-    model = build_model(tiny.model_config("sgr", img_dim=D), VOCAB).clone(img_chunk=K)
+    model = build_model(
+      tiny.model_config("sgr", img_dim=D), VOCAB, execution.resolve()
+    ).clone(img_chunk=K)
     tx = optax.sgd(0.05)
     state = train.init_state(
       model, tx, seed=0, num_regions=R, img_dim=D, caption_len=L, mesh=mesh
@@ -115,7 +117,7 @@ def reference_pair_values(S, tau, temp):
 
 def test_step_returns_each_pairs_energy_entropy_and_truth():
   mesh = sharding.make_mesh(-1)
-  model = build_model(tiny.model_config("sgr", img_dim=D), VOCAB)
+  model = build_model(tiny.model_config("sgr", img_dim=D), VOCAB, execution.resolve())
   tx = optax.sgd(0.05)
   state = train.init_state(
     model, tx, seed=0, num_regions=R, img_dim=D, caption_len=L, mesh=mesh

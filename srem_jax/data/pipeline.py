@@ -347,12 +347,8 @@ def train_loader(
   """
   t2i, clean = _check_noise(split, t2i, clean)
   buckets = _buckets(split, caption_len, buckets)
+  # At least one: the batch fits the captions (`config_checks.check_batch_fits`).
   steps_per_epoch = split.n_captions // global_batch_size
-  if steps_per_epoch < 1:
-    raise UserError(
-      f"config train.batch_size={global_batch_size} exceeds the "
-      f"{split.n_captions} training captions"
-    )
   if max_steps_per_epoch > 0:
     steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
   first_row, rows = _process_slice(global_batch_size, process_index, process_count)

@@ -421,10 +421,6 @@ class SimilarityHead(nn.Module):
 
   @nn.compact
   def __call__(self, local, img_glob, words, cap_glob, mask, *, train: bool):
-    if self.head not in ("sgr", "saf"):
-      raise ValueError(f"head must be 'sgr' or 'saf', got {self.head!r}")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat must be one of {REMAT_MODES}, got {self.remat!r}")
     images = (local.astype(jnp.float32), img_glob.astype(jnp.float32))
     captions = (words, cap_glob, mask)
     num_imgs, num_caps = local.shape[0], words.shape[0]

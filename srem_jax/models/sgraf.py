@@ -7,7 +7,7 @@ Owns `SGRAF`, the embeddings it passes between its stages
 embed every image and caption once and score them tile by tile
 (`srem_jax.models.tiling.score_all`).
 
-    model = build_model(config.model, vocab_size=8481)
+    model = build_model(config.model, 8481, execution.resolve(config.execution))
     variables = model.init(key, images, tokens, lengths, train=False)
     sims = model.apply(variables, images, tokens, lengths, train=False)  # (N, M)
     img = model.apply(variables, images, train=False, method=SGRAF.encode_images)
@@ -19,8 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from srem_jax import execution
-from srem_jax.errors import UserError
 from srem_jax.models.encoders import ImageEncoder, TextEncoder
 from srem_jax.models.heads import SimilarityHead, TextSA, VisualSA
 
@@ -109,19 +107,9 @@ class SGRAF(nn.Module):
     return self.score(img, cap, train=train)
 
 
-def build_model(model_cfg, vocab_size: int, plan: execution.Execution | None = None):
-  """SGRAF from `config.model`, cut into pieces as `plan` says (default: the
-  sizes `execution.resolve()` picks for this machine). Bad head or dtype names
-  are UserErrors."""
-  if model_cfg.head not in ("sgr", "saf"):
-    raise UserError(
-      f"config.model.head: expected 'sgr' or 'saf', got {model_cfg.head!r}"
-    )
-  if model_cfg.dtype not in DTYPES:
-    raise UserError(
-      f"config.model.dtype: expected one of {sorted(DTYPES)}, got {model_cfg.dtype!r}"
-    )
-  plan = plan or execution.resolve()
+def build_model(model_cfg, vocab_size: int, plan) -> SGRAF:
+  """SGRAF from a checked `config.model`, cut into pieces as the resolved
+  execution `plan` says (`execution.resolve`: its `model_kwargs`)."""
   return SGRAF(
     vocab_size=vocab_size,
     head=model_cfg.head,

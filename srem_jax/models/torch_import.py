@@ -13,7 +13,7 @@ Loading uses torch's `weights_only` unpickler, which allows only tensors,
     [(overrides, variables)] = load_torch_checkpoint("model_best.pth.tar", "A")
     vocab_size = overrides.pop("vocab_size")
     config.model.update(overrides)
-    model = build_model(config.model, vocab_size)
+    model = build_model(config.model, vocab_size, execution.resolve(config.execution))
     sims = model.apply(variables, images, tokens, lengths, train=False)
 """
 
