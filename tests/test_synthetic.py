@@ -125,3 +125,47 @@ def test_refuses_to_overwrite(dataset, tmp_path):
 def test_rejects_bad_sizes(tmp_path, field, value):
   with pytest.raises(UserError, match=f"data.synthetic.{field}"):
     synthetic.generate(str(tmp_path), **{**SMALL, field: value})
+
+
+def test_statistics_change_what_is_drawn(tmp_path):
+  stats = synthetic.Statistics(
+    synonyms=(1, 1), objects=(4, 4), object_regions=1.0, noise=0.0, intros=False
+  )
+  rng = np.random.default_rng(0)
+  world = synthetic._World(rng, 24, 16, stats)
+  assert all(len(names) == 1 for names in world.synonyms)
+  objects, attached = synthetic._sample_images(rng, world, 50)
+  assert objects.shape == (50, 4) and (objects >= 0).all()
+  features = synthetic._region_features(rng, world, objects, attached, 8)
+  # Without noise and clutter every region is ReLU(object + attribute prototype).
+  for image in range(3):
+    expected = np.maximum(
+      world.prototypes[objects[image]]
+      + world.prototypes[np.where(attached[image] >= 0, attached[image], -1)],
+      0.0,
+    )
+    got = {tuple(np.round(row, 5)) for row in features[image]}
+    assert got == {tuple(np.round(row, 5)) for row in expected}
+  starts = {synthetic._caption(rng, world, objects[i], attached[i]).lower().split()[0]
+            for i in range(50)}
+  intro_words = {phrase.split()[0] for phrase in synthetic._INTROS if phrase}
+  assert not starts & (intro_words - set(synthetic._ARTICLES))
+  folder = synthetic.generate(str(tmp_path), seed=0, **SMALL, stats=stats)
+  assert os.path.exists(os.path.join(folder, "train_caps.txt"))
+
+
+@pytest.mark.parametrize(
+  "stats,match",
+  [
+    (dict(synonyms=(0, 2)), "synonyms"),
+    (dict(objects=(3, 2)), "objects"),
+    (dict(objects=(1, 3)), "at least 2"),
+    (dict(objects=(2, 30)), "at most 18 objects"),
+    (dict(object_regions=1.5), "object_regions"),
+    (dict(noise=-1.0), "noise"),
+  ],
+)
+def test_rejects_bad_statistics(tmp_path, stats, match):
+  with pytest.raises(UserError, match=match):
+    synthetic.generate(str(tmp_path), **SMALL, stats=synthetic.Statistics(**stats))
+  assert not os.listdir(tmp_path)

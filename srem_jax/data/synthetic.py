@@ -17,6 +17,7 @@ Flickr30K's: median 12 words, about 1% over 33, a tail reaching ~70.
     # python -m srem_jax.data.synthetic --out data/demo --feature_dim 128
 """
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -28,7 +29,6 @@ from srem_jax.data import layout, tokenizer
 from srem_jax.errors import UserError
 
 CAPS_PER_IMAGE = 5
-_NOISE_SCALE = 1.0  # region noise std, relative to unit-variance prototypes
 _IMAGES_PER_CHUNK = 128  # images generated at once; bounds memory, fixes RNG order
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 _INTROS = ("a photo of", "there's", "an image showing", "we can see", "it's", "")
@@ -43,10 +43,54 @@ _FILLER = frozenset(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Statistics:
+  """What the generator draws; the defaults write the embedded dataset.
+
+  Ranges are inclusive. `object_regions` is the fraction of an image's regions
+  that show one of its objects (the rest show clutter); `noise` is the region
+  noise std relative to the unit-variance prototypes; `intros` prefixes
+  captions with a phrase such as "a photo of".
+  """
+
+  synonyms: tuple[int, int] = (2, 3)
+  objects: tuple[int, int] = (2, 3)
+  object_regions: float = 0.5
+  noise: float = 1.0
+  intros: bool = True
+
+  def check(self) -> None:
+    for field in ("synonyms", "objects"):
+      low, high = getattr(self, field)
+      if not 1 <= low <= high:
+        raise UserError(
+          f"synthetic {field}: expected 1 <= min <= max, got {low}, {high}"
+        )
+    if self.objects[0] < 2:
+      raise UserError(
+        f"synthetic objects: a caption mentions at least 2 objects, so images "
+        f"need at least 2; got min {self.objects[0]}"
+      )
+    if not 0.0 <= self.object_regions <= 1.0:
+      raise UserError(
+        f"synthetic object_regions: expected a fraction in [0, 1], got "
+        f"{self.object_regions}"
+      )
+    if self.noise < 0.0:
+      raise UserError(f"synthetic noise: expected >= 0, got {self.noise}")
+
+
 class _World:
   """Concept prototypes, clutter prototypes and the words naming each concept."""
 
-  def __init__(self, rng: np.random.Generator, num_concepts: int, feature_dim: int):
+  def __init__(
+    self,
+    rng: np.random.Generator,
+    num_concepts: int,
+    feature_dim: int,
+    stats: Statistics = Statistics(),
+  ):
+    self.stats = stats
     self.num_attributes = max(2, num_concepts // 4)
     self.num_objects = num_concepts - self.num_attributes
     # Row num_concepts stays zero: "no attribute" adds nothing to a region.
@@ -57,10 +101,12 @@ class _World:
     self.clutter = rng.standard_normal(
       (2 * num_concepts, feature_dim), dtype=np.float32
     )
-    self.synonyms = self._name_concepts(rng, num_concepts)
+    self.synonyms = self._name_concepts(rng, num_concepts, stats.synonyms)
 
   @staticmethod
-  def _name_concepts(rng: np.random.Generator, num_concepts: int) -> list[list[str]]:
+  def _name_concepts(
+    rng: np.random.Generator, num_concepts: int, synonyms_range: tuple[int, int]
+  ) -> list[list[str]]:
     used, synonyms = set(_FILLER), []
 
     def pseudo_word() -> str:
@@ -75,7 +121,7 @@ class _World:
       return word[:2] + "-" + word[2:] if rng.random() < 0.1 else word
 
     for _ in range(num_concepts):
-      names, count = [], rng.integers(2, 4)
+      names, count = [], rng.integers(synonyms_range[0], synonyms_range[1] + 1)
       while len(names) < count:
         word = pseudo_word()
         if word not in used:
@@ -86,16 +132,18 @@ class _World:
 
 
 def _sample_images(rng: np.random.Generator, world: _World, n: int):
-  """Per image: objects (n, 3) with -1 padding, and their attribute (or -1)."""
-  objects = rng.random((n, world.num_objects)).argsort(axis=1)[:, :3]
+  """Per image: objects (n, max objects) with -1 padding, and their attribute
+  (or -1)."""
+  low, high = world.stats.objects
+  objects = rng.random((n, world.num_objects)).argsort(axis=1)[:, :high]
   attributes = (
     world.num_objects + rng.random((n, world.num_attributes)).argsort(axis=1)[:, :2]
   )
-  num_objects = rng.integers(2, 4, size=n)
+  num_objects = rng.integers(low, high + 1, size=n)
   num_attributes = np.minimum(rng.integers(1, 3, size=n), num_objects)
-  slot = np.arange(3)
+  slot = np.arange(high)
   objects = np.where(slot < num_objects[:, None], objects, -1)
-  attached = np.full((n, 3), -1)
+  attached = np.full((n, high), -1)
   attached[:, :2] = np.where(slot[:2] < num_attributes[:, None], attributes, -1)
   return objects, attached
 
@@ -104,7 +152,8 @@ def _region_features(rng, world: _World, objects, attached, num_regions: int):
   n = objects.shape[0]
   num_objects = (objects >= 0).sum(axis=1)
   region = np.arange(num_regions)
-  object_regions = np.minimum(num_regions, np.maximum(num_objects, num_regions // 2))
+  shown = int(num_regions * world.stats.object_regions)
+  object_regions = np.minimum(num_regions, np.maximum(num_objects, shown))
   slot = region[None, :] % num_objects[:, None]
   shows_object = region[None, :] < object_regions[:, None]
   rows = np.arange(n)[:, None]
@@ -122,7 +171,7 @@ def _region_features(rng, world: _World, objects, attached, num_regions: int):
   shape = (*obj.shape, world.prototypes.shape[1])
   features = rng.random(shape, dtype=np.float32)
   features -= 0.5
-  features *= _NOISE_SCALE * np.sqrt(12.0)  # unit variance times the scale
+  features *= world.stats.noise * np.sqrt(12.0)  # unit variance times the scale
   features[shows_object] += world.prototypes[obj[shows_object]]
   features[shows_object] += world.prototypes[att[shows_object]]
   features[~shows_object] += world.clutter[clutter[~shows_object]]
@@ -143,7 +192,8 @@ def _caption(rng: np.random.Generator, world: _World, objects, attached) -> str:
   text = phrases[0]
   for phrase in phrases[1:]:
     text += _CONNECTORS[rng.integers(len(_CONNECTORS))] + phrase
-  text = f"{_INTROS[rng.integers(len(_INTROS))]} {text}".strip()
+  if world.stats.intros:
+    text = f"{_INTROS[rng.integers(len(_INTROS))]} {text}".strip()
   text += _ENDINGS[rng.integers(len(_ENDINGS))]
   return text[0].upper() + text[1:] if rng.random() < 0.5 else text
 
@@ -194,10 +244,12 @@ def generate(
   num_concepts: int = 64,
   seed: int = 0,
   long_captions: bool = False,
+  stats: Statistics = Statistics(),
 ) -> str:
   """Writes the dataset and its vocabulary under `out_dir`; returns the dataset folder.
 
-  `long_captions` gives captions Flickr30K-like long-tailed lengths.
+  `long_captions` gives captions Flickr30K-like long-tailed lengths; `stats`
+  changes what the generator draws (the defaults are the embedded dataset's).
   """
   sizes = dict(
     num_train=num_train,
@@ -215,6 +267,13 @@ def generate(
     raise UserError(
       f"data.synthetic.num_concepts: expected at least 8, got {num_concepts}"
     )
+  stats.check()
+  num_objects = num_concepts - max(2, num_concepts // 4)
+  if stats.objects[1] > num_objects:
+    raise UserError(
+      f"synthetic objects: at most {num_objects} objects exist with "
+      f"{num_concepts} concepts, got max {stats.objects[1]}"
+    )
   folder = os.path.join(out_dir, name)
   vocab_path = layout.resolve_vocab_path(out_dir, name)
   if os.path.isdir(folder) and os.listdir(folder):
@@ -226,7 +285,7 @@ def generate(
 
   # Independent streams, so the dev/test data do not change with num_train.
   world_seq, *split_seqs = np.random.SeedSequence(seed).spawn(4)
-  world = _World(np.random.default_rng(world_seq), num_concepts, feature_dim)
+  world = _World(np.random.default_rng(world_seq), num_concepts, feature_dim, stats)
   # Written aside and moved in place at the end: an interrupted run leaves no
   # half-written dataset that a later run would refuse to replace.
   staging = os.path.join(out_dir, f".{name}.partial-{os.getpid()}")
@@ -272,12 +331,39 @@ def _define_flags() -> None:
   flags.DEFINE_bool(
     "long_captions", False, "Flickr30K-like long-tailed caption lengths."
   )
+  default = Statistics()
+  flags.DEFINE_list(
+    "synonyms", list(map(str, default.synonyms)), "Words per concept: min,max."
+  )
+  flags.DEFINE_list(
+    "objects", list(map(str, default.objects)), "Objects per image: min,max."
+  )
+  flags.DEFINE_float(
+    "object_regions", default.object_regions, "Fraction of regions showing an object."
+  )
+  flags.DEFINE_float("noise", default.noise, "Region noise std (prototypes: 1).")
+  flags.DEFINE_bool("intros", default.intros, "Start captions with 'a photo of' etc.")
+
+
+def _int_range(name: str, values: list[str]) -> tuple[int, int]:
+  try:
+    low, high = (int(v) for v in values)
+  except ValueError:
+    raise UserError(f"--{name}: expected two integers min,max, got {values}") from None
+  return low, high
 
 
 def main(argv) -> None:
   del argv
   f = flags.FLAGS
   try:
+    stats = Statistics(
+      synonyms=_int_range("synonyms", f.synonyms),
+      objects=_int_range("objects", f.objects),
+      object_regions=f.object_regions,
+      noise=f.noise,
+      intros=f.intros,
+    )
     folder = generate(
       f.out,
       name=f.name,
@@ -289,6 +375,7 @@ def main(argv) -> None:
       num_concepts=f.num_concepts,
       seed=f.seed,
       long_captions=f.long_captions,
+      stats=stats,
     )
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
