@@ -5,12 +5,12 @@ On a machine with one NVIDIA GPU, within 8 minutes (no part starts after
 `srem_jax.execution.resolve()` picks for it (preset "auto" -> gpu) and paper
 dimensions (36 x 2048 regions, E 1024, words 300, sim 256, SGR, 3 steps):
 
-- the training step (`srem_jax.step.make_train_step`: SREM loss, clipping,
+- the training step (`srem_jax.train.step.make_train_step`: SREM loss, clipping,
   Adam) at batch 128, float32 and bfloat16, and float32 under matmul precision
-  "default" (TF32), via `srem_jax.bench.bench_train_step`;
+  "default" (TF32), via `bench_train_step` of benchmarks/bench.py;
 - the Flickr30K-sized 1,000 x 5,000 test matrix: the tiled all-pairs scoring
   (`tiling.score_all`, from host embeddings to host scores, via
-  `bench.bench_eval`), and apart from it the encoders over 1,000 images and
+  `bench_eval.bench_eval`), and apart from it the encoders over 1,000 images and
   5,000 captions (host to device and back), summed as "end to end";
 - the COCO 5K 5,000 x 25,000 matrix: the first row of tiles (or the first
   `--coco_tiles` tiles) timed and extrapolated to the whole matrix by the tile
@@ -71,11 +71,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))  # run from a source tree, nothing installed
 
+import bench  # noqa: E402
+import bench_eval  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import measure  # noqa: E402
 import numpy as np  # noqa: E402
 
-from srem_jax import bench, execution  # noqa: E402
+from srem_jax import execution  # noqa: E402
+from srem_jax.models.dims import PAPER_DIMS, TINY_DIMS  # noqa: E402
 from srem_jax.models.sgraf import SGRAF  # noqa: E402
 from srem_jax.models.torch_import import load_torch_checkpoint  # noqa: E402
 
@@ -110,7 +114,7 @@ class Sizes:
 def _sizes(args) -> Sizes:
   if args.smoke:
     return Sizes(
-      dims=bench.TINY_DIMS,
+      dims=TINY_DIMS,
       batch=8,
       caption_len=6,
       f30k=(16, 40),
@@ -124,7 +128,7 @@ def _sizes(args) -> Sizes:
       eval_steps=2,
     )
   return Sizes(
-    dims=bench.PAPER_DIMS,
+    dims=PAPER_DIMS,
     batch=args.batch,
     caption_len=args.caption_len,
     f30k=(1000, 5000),
@@ -188,7 +192,7 @@ def part_scoring(sizes, model_kw, tiles, shape, max_tiles=None):
   n_img, n_cap = shape
   if max_tiles == 0:
     max_tiles = -(-n_cap // min(tiles[1], n_cap))
-  result = bench.bench_eval(
+  result = bench_eval.bench_eval(
     head="sgr",
     n_img=n_img,
     n_cap=n_cap,
@@ -223,7 +227,7 @@ def part_encoders(sizes, model_kw):
   """Encoders over the F30K-sized set: host inputs to host embeddings, in chunks."""
   dims, length = sizes.dims, sizes.caption_len
   n_img, n_cap = sizes.f30k
-  model = bench.make_model("sgr", "float32", dims, **model_kw)
+  model = measure.make_model("sgr", "float32", dims, **model_kw)
   rng = np.random.default_rng(0)
   images = rng.standard_normal((n_img, dims["num_regions"], dims["img_dim"]))
   images = images.astype(np.float32)
@@ -259,7 +263,7 @@ def part_encoders(sizes, model_kw):
   start = time.perf_counter()
   run()
   first_s = time.perf_counter() - start
-  median_s, times = bench._median_time(run, sizes.eval_steps)
+  median_s, times = measure.median_time(run, sizes.eval_steps)
   return {
     "bench": "encoders",
     "pass_s": median_s,
@@ -439,7 +443,7 @@ def part_agreement(sizes, model_kw, device):
     "max_rel_err": errors,
     "max_abs_err_over_spread": over_spread,
     "reference": f"float32 on {device}, TF32 off; float64 on cpu",
-    "ours_device": bench._device_kind(),
+    "ours_device": measure.device_kind(),
     "ref_scores": {
       "min": float(ref32.min()),
       "max": float(ref32.max()),
@@ -603,12 +607,14 @@ def markdown(results) -> str:
   row(
     f"COCO {n_img:,} x {n_cap:,} SGR scoring",
     ["coco_scoring"],
-    lambda r: f"{r['full_matrix_s']:.3g} s"
-    + (
-      f" (extrapolated from {r['tiles_timed']} of {r['total_tiles']} tiles,"
-      f" {r['pass_s']:.3g} s)"
-      if r["extrapolated"]
-      else " (whole matrix)"
+    lambda r: (
+      f"{r['full_matrix_s']:.3g} s"
+      + (
+        f" (extrapolated from {r['tiles_timed']} of {r['total_tiles']} tiles,"
+        f" {r['pass_s']:.3g} s)"
+        if r["extrapolated"]
+        else " (whole matrix)"
+      )
     ),
     "coco_s",
     s.get("coco_full_matrix_s"),
@@ -629,8 +635,10 @@ def markdown(results) -> str:
   row(
     "Reference (PyTorch) scoring, 100 x 100 shards",
     ["reference_scoring"],
-    lambda r: f"{r['pairs_per_s']:,.0f} pairs/s on {r['device']} "
-    f"({r['shapes']['n_img']} x {r['shapes']['n_cap']})",
+    lambda r: (
+      f"{r['pairs_per_s']:,.0f} pairs/s on {r['device']} "
+      f"({r['shapes']['n_img']} x {r['shapes']['n_cap']})"
+    ),
   )
   row(
     "Speed-up, F30K scoring over the reference (pairs/s)",
@@ -644,10 +652,12 @@ def markdown(results) -> str:
     row(
       f"Scores, max rel. error vs reference fp32, ours fp32 at precision {label}",
       ["agreement"],
-      lambda r, p=precision: f"{r['max_rel_err'][f'float32_{p}_vs_ref32']:.1e} "
-      f"(vs float64: ours {r['max_rel_err'][f'float32_{p}_vs_ref64']:.1e}, "
-      f"reference fp32 {r['max_rel_err']['ref32_vs_ref64']:.1e}; max abs. error "
-      f"/ score spread {r['max_abs_err_over_spread'][f'float32_{p}_vs_ref32']:.1e})",
+      lambda r, p=precision: (
+        f"{r['max_rel_err'][f'float32_{p}_vs_ref32']:.1e} "
+        f"(vs float64: ours {r['max_rel_err'][f'float32_{p}_vs_ref64']:.1e}, "
+        f"reference fp32 {r['max_rel_err']['ref32_vs_ref64']:.1e}; max abs. error "
+        f"/ score spread {r['max_abs_err_over_spread'][f'float32_{p}_vs_ref32']:.1e})"
+      ),
       "score_rel_err",
       s.get(f"score_rel_err_{precision}"),
       timing=False,
@@ -655,8 +665,10 @@ def markdown(results) -> str:
   row(
     "Scores, max rel. error vs reference fp32, ours bf16 (for information)",
     ["agreement"],
-    lambda r: f"{r['max_rel_err']['bfloat16_highest_vs_ref32']:.1e} (max abs. error "
-    f"/ score spread {r['max_abs_err_over_spread']['bfloat16_highest_vs_ref32']:.1e})",
+    lambda r: (
+      f"{r['max_rel_err']['bfloat16_highest_vs_ref32']:.1e} (max abs. error "
+      f"/ score spread {r['max_abs_err_over_spread']['bfloat16_highest_vs_ref32']:.1e})"
+    ),
   )
   peak, limit = s.get("peak_device_bytes"), s.get("device_bytes_limit")
   rows.append((
@@ -779,7 +791,7 @@ def main(argv=None) -> dict:
       plan = execution.resolve(None)
       plan_holder["plan"] = plan
       results["meta"]["plan"] = plan.reason
-      results["meta"]["device_kind"] = bench._device_kind()
+      results["meta"]["device_kind"] = measure.device_kind()
       results["meta"]["devices"] = [str(d) for d in jax.devices()]
     plan = plan_holder.get("plan")
     model_kw = plan.model_kwargs() if plan else {}

@@ -1,6 +1,6 @@
 """Ours against the PyTorch reference, on the same machine, in one run.
 
-Runs `python -m srem_jax.bench` (float32 and bfloat16) and
+Runs `python benchmarks/bench.py` (float32 and bfloat16) and
 `benchmarks/torch_reference.py` for the training step and evaluation,
 alternating the programs over `--rounds` so that a machine whose speed drifts
 shifts both sides alike, then prints one table row per measurement and the
@@ -9,7 +9,7 @@ them go to `--out`. With `--caption_lengths` (a histogram file) every
 measurement is made twice, at the fixed length and with lengths drawn from
 the file (both programs draw the same ones), and both ratios are printed.
 Our evaluation is the product's (`bench eval --resident`: device-resident
-embeddings, `srem_jax/retrieval.py`); `--plain` adds a float32 run of the head
+embeddings, `srem_jax/eval/retrieval.py`); `--plain` adds a float32 run of the head
 without length groups (`--length_group=0`) beside the default one.
 
     python benchmarks/compare.py --rounds=2 --steps=3 --out=compare.jsonl
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = [sys.executable, "-m", "srem_jax.bench"]
+OURS = [sys.executable, str(Path(__file__).with_name("bench.py"))]
 REFERENCE = [sys.executable, str(ROOT / "benchmarks" / "torch_reference.py")]
 TARGETS = {  # the issue's ratios to the reference
   ("train_step", "float32"): 2.0,

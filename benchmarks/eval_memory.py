@@ -1,6 +1,6 @@
 """Device and host memory of a COCO 5K evaluation (5,000 x 25,000) at paper dims.
 
-Nothing of that size is run: the block scorer of `srem_jax.retrieval` is
+Nothing of that size is run: the block scorer of `srem_jax.eval.retrieval` is
 lowered and compiled for the abstract shapes (no FLOPs, no buffers) and its
 `memory_analysis()` gives the bytes of its arguments (the resident
 embeddings), output (one image block's row of the matrix) and temporaries.
@@ -24,10 +24,13 @@ sys.path.insert(0, os.getcwd())
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import measure  # noqa: E402
 import numpy as np  # noqa: E402
 
-from srem_jax import bench, execution, padding, retrieval, sharding  # noqa: E402
+from srem_jax import execution, padding, sharding  # noqa: E402
+from srem_jax.eval import retrieval
 from srem_jax.models import tiling  # noqa: E402
+from srem_jax.models.dims import PAPER_DIMS  # noqa: E402
 from srem_jax.models.sgraf import CaptionEmbedding, ImageEmbedding  # noqa: E402
 
 GIB = 2**30
@@ -45,7 +48,7 @@ def main():
   parser.add_argument("--rank", action="store_true")
   args = parser.parse_args()
   n_img, n_cap = args.n_img, 5 * args.n_img
-  dims = bench.PAPER_DIMS
+  dims = PAPER_DIMS
   e, r = dims["embed_dim"], dims["num_regions"]
   plan = execution.resolve({"preset": args.preset})
   histogram = padding.read_histogram(args.caption_lengths)
@@ -60,9 +63,9 @@ def main():
   for _, length in tiles:
     per_bucket[length] = per_bucket.get(length, 0) + 1
 
-  model = bench.make_model("sgr", "float32", dims, **plan.model_kwargs())
+  model = measure.make_model("sgr", "float32", dims, **plan.model_kwargs())
   mesh = sharding.make_mesh(-1)
-  small = bench._random_batch(np.random.default_rng(0), 2, static, dims)
+  small = measure.random_batch(np.random.default_rng(0), 2, static, dims)
   variables = jax.eval_shape(
     lambda: model.init(
       jax.random.PRNGKey(0),
@@ -79,7 +82,7 @@ def main():
     )
     for n, t in per_bucket.items()
   )
-  score_block = retrieval._eval_functions(model, mesh).score_block
+  score_block = retrieval.eval_functions(model, mesh).score_block
   compiled = score_block.lower(
     variables, images, _spec((), jnp.int32), caps, _spec((n_cap,), jnp.int32)
   ).compile()
@@ -111,7 +114,7 @@ def main():
     + out["compiled_temp_gib"]
   )
   if args.rank:
-    from srem_jax import metrics
+    from srem_jax.eval import metrics
 
     sims = np.random.default_rng(0).standard_normal((n_img, n_cap), np.float32)
     metrics.coco_protocol(sims, np.repeat(np.arange(n_img), 5))

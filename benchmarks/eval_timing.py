@@ -21,15 +21,20 @@ sys.path.insert(0, os.getcwd())
 import jax  # noqa: E402
 
 from configs import demo  # noqa: E402
-from srem_jax import execution, resident, sharding, step  # noqa: E402  # noqa: E402
-from srem_jax.data import dataset  # noqa: E402
+from srem_jax import execution, sharding  # noqa: E402
+from srem_jax.data import dataset, resident  # noqa: E402
 from srem_jax.models.sgraf import build_model  # noqa: E402
+from srem_jax.train import step  # noqa: E402
 
 try:  # the evaluation/selection modules, or the one module they came from
-  from srem_jax import retrieval, selection
+  from srem_jax.eval import evaluator
+  from srem_jax.train import selection
 
   def validate(model, variables, split, config, mesh, caption_len, n):
-    return retrieval.evaluate(model, variables, split, config, mesh, caption_len, n)
+    plan = execution.resolve(config.execution)
+    return evaluator.for_config(
+      config, model, split, mesh, plan, caption_len=caption_len, num_images=n
+    ).run(variables)
 
   def statistics_pass(model, variables, data, config, mesh, features):
     return selection.pair_statistics(

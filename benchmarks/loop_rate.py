@@ -1,6 +1,6 @@
 """Steps per second of the training loop against the bare jitted step.
 
-Runs `train._train` for one epoch of the demo config, after one untimed run
+Runs `srem.run_steps` for one epoch of the demo config, after one untimed run
 that fills a compilation cache, then the same jitted step back to back on one
 device-resident batch. The loop's rate is taken from the end of step `--skip`
 (past compilation) to the end of the epoch's last step: it includes the input
@@ -27,16 +27,19 @@ jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="loop_rat
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 from configs import demo  # noqa: E402
-from srem_jax import sharding, train  # noqa: E402
+from srem_jax import sharding  # noqa: E402
+from srem_jax.train import run as train_run  # noqa: E402
+from srem_jax.train import srem  # noqa: E402
+from srem_jax.train import step as step_lib  # noqa: E402
 
 
 def loop_rate(config, workdir, skip):
-  """Steps/s of `train._train` from the end of step `skip` to the epoch's end.
+  """Steps/s of `srem.run_steps` from the end of step `skip` to the epoch's end.
 
   Steps are dispatched asynchronously: those two steps are waited for, the
   others run as the loop runs them.
   """
-  real_make, calls, marks = train.make_train_step, [0], []
+  real_make, calls, marks = srem.make_train_step, [0], []
   last = config.train.steps_per_epoch
 
   def timing(*args, **kwargs):
@@ -52,26 +55,30 @@ def loop_rate(config, workdir, skip):
 
     return stepped
 
-  train.make_train_step = timing
+  srem.make_train_step = timing
   try:
-    run = train._open_run(config, workdir)
-    state, selection, record = train._initial_state(run)
-    train._train(run, state, selection, record, train._StopFlag())
+    run = train_run.open_run(
+      config, workdir, lambda spe: step_lib.make_optimizer(config.train, spe)
+    )
+    state, selection, record = srem.initial_state(run)
+    srem.run_steps(run, state, selection, record, train_run.StopFlag())
     run.loader.close()
     run.ckpt.close()
   finally:
-    train.make_train_step = real_make
+    srem.make_train_step = real_make
   return (last - skip) / (marks[1] - marks[0])
 
 
 def bare_rate(config, workdir, steps):
-  run = train._open_run(config, workdir)
-  state, _, _ = train._initial_state(run)
+  run = train_run.open_run(
+    config, workdir, lambda spe: step_lib.make_optimizer(config.train, spe)
+  )
+  state, _, _ = srem.initial_state(run)
   batch = sharding.global_batch(next(run.loader), run.mesh)
-  step = train.make_train_step(
+  step = step_lib.make_train_step(
     run.model,
     run.tx,
-    train.loss_options(config.loss),
+    step_lib.loss_options(config.loss),
     run.mesh,
     warmup=True,
     external_selection=False,

@@ -1,6 +1,6 @@
 """Where a training step's time goes, by part of the network, from XLA's own trace.
 
-Runs `srem_jax.bench.bench_train_step` once to compile, once more under
+Runs `bench_train_step` of benchmarks/bench.py once to compile, once more under
 `jax.profiler`, then adds up the duration of every executed XLA operation by
 the part of the model its HLO metadata names (the local-node layer, the SGR
 layers, the context product, the text encoder, ...) and prints the parts
@@ -16,10 +16,9 @@ import glob
 import re
 import tempfile
 
+import bench
 import jax
 from jax._src.lib import _profile_data
-
-from srem_jax import bench
 
 # Part of the model -> pattern in an operation's HLO op_name (first match wins).
 PARTS = [

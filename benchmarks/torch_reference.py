@@ -3,7 +3,7 @@
 Owns `ReferenceSGRAF` (image encoder, text encoder and similarity encoder
 with the reference's module names, so their `state_dict()`s are the three
 parts of an NCR checkpoint), the reference's hardest-negative triplet loss and
-the program that times both the way `python -m srem_jax.bench` times ours, on
+the program that times both the way `python benchmarks/bench.py` times ours, on
 the same machine: `train_step` (encoders, all K x K pairs, loss, backward,
 clipping, Adam) and `eval` (the pair loop alone on precomputed embeddings and
 global vectors, under no_grad, in the reference evaluator's 100 x 100 shards).
@@ -22,7 +22,7 @@ finished work; TF32 is left at torch's defaults, which the JSON records.
         --caption_lengths=../shared/data/f30k_caption_lengths.json
 
 `--caption_lengths` draws the lengths from a histogram file's test split with
-the generator and seed `srem_jax.bench` uses, so both programs see the same
+the generator and seed `benchmarks/bench.py` uses, so both programs see the same
 lengths; the caption loop slices each caption to its own, as the reference
 does.
 """
@@ -45,7 +45,7 @@ if _ROOT not in sys.path:
 
 # The JAX benchmark's shapes, so both programs measure the same work.
 from srem_jax import padding  # noqa: E402
-from srem_jax.bench import PAPER_DIMS, TINY_DIMS  # noqa: E402
+from srem_jax.models.dims import PAPER_DIMS, TINY_DIMS  # noqa: E402
 
 EVAL_SHARD = 100  # images and captions per forward_sim call in NCR's evaluator
 
@@ -286,7 +286,7 @@ def bench_train_step(
 def bench_eval(
   head, n_img, n_cap, caption_len, steps, dims, device="cpu", histogram=None
 ):
-  """The pair loop alone on unit-norm embeddings, as srem_jax.bench eval times.
+  """The pair loop alone on unit-norm embeddings, as benchmarks/bench.py eval times.
 
   Scored in NCR's evaluator's 100 x 100 shards under no_grad. The global
   vectors are given, as they are to ours: the reference's `forward_sim` would
@@ -342,7 +342,9 @@ def main(argv=None):
   parser.add_argument("--caption_len", type=_positive, default=15)
   parser.add_argument("--steps", type=_positive, default=3, help="Timed repetitions.")
   parser.add_argument("--threads", type=_positive, help="Default: torch's choice.")
-  parser.add_argument("--tiny", action="store_true", help="srem_jax.bench's tiny dims.")
+  parser.add_argument(
+    "--tiny", action="store_true", help="The tiny dims of srem_jax.models.dims."
+  )
   parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
   parser.add_argument(
     "--caption_lengths", help="Histogram JSON to draw caption lengths from."

@@ -1,6 +1,6 @@
 """Every program a run compiles, built for an accelerator on a machine without it.
 
-Owns `python -m srem_jax.aot`: for a config and a target (`srem_jax.targets`:
+Owns `python -m srem_jax.aot`: for a config and a target (`srem_jax.compile.targets`:
 h100, h200, v5e-1, v5e-8, v4-8) it builds, over a mesh of the target's chips
 and with the execution sizes a run there would resolve, the programs of that
 run -- the train step of each phase, the encoders, the evaluation scorer
@@ -52,63 +52,13 @@ from absl import flags
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from srem_jax import config_checks, execution, readings, sharding, step, targets
+from srem_jax import config_checks, execution, sharding
+from srem_jax.compile import targets
+from srem_jax.compile.shapes import DataShapes, data_shapes
 from srem_jax.errors import UserError
+from srem_jax.methods import readings
 from srem_jax.models.sgraf import DTYPES, build_model
-
-# What a config leaves to its data, for datasets this project names. Flickr30K
-# (SCAN f30k_precomp): vocabulary 8481 words; the longest test caption has
-# 77 tokens with <start>/<end> (shared/data/f30k_caption_lengths.json); 29,000
-# training images. COCO (coco_precomp, train with restval): 113,287 images.
-KNOWN_DATA = {
-  "f30k_precomp": dict(vocab_size=8481, caption_len=77, train_images=29000),
-  "coco_precomp": dict(vocab_size=8481, caption_len=77, train_images=113287),
-}
-DEFAULT_DATA = KNOWN_DATA["f30k_precomp"]
-
-
-@dataclasses.dataclass(frozen=True)
-class DataShapes:
-  """The sizes a run reads from its data, here from the config or assumed."""
-
-  num_regions: int
-  img_dim: int
-  caption_len: int  # the static length: the largest caption bucket
-  vocab_size: int
-  train_images: int
-  note: str
-
-
-# The embedded synthetic data's captions: at most 18 words in the demo's
-# generated splits (so 24 tokens with <start>/<end> bounds them); with
-# `long_captions`, at most 80 words plus a phrase.
-SYNTHETIC_CAPTION_LEN, SYNTHETIC_LONG_CAPTION_LEN = 24, 96
-
-
-def data_shapes(config, caption_len=0, vocab_size=0) -> DataShapes:
-  synthetic = config.data.synthetic
-  known = KNOWN_DATA.get(config.data.name)
-  assumed = known or DEFAULT_DATA
-  notes = []
-  if synthetic.enabled:
-    regions, images = synthetic.num_regions, synthetic.num_train
-    longest = (
-      SYNTHETIC_LONG_CAPTION_LEN if synthetic.long_captions else SYNTHETIC_CAPTION_LEN
-    )
-    where = "a bound on the synthetic captions"
-  else:
-    regions, images = 36, assumed["train_images"]  # SCAN's 36 regions per image
-    longest = assumed["caption_len"]
-    where = f"{config.data.name}'s longest" if known else "F30K's longest"
-  length = caption_len or config.data.caption_len or longest
-  if not (caption_len or config.data.caption_len):
-    notes.append(f"captions padded to {length} ({where}; --caption_len to change)")
-  vocab = vocab_size or assumed["vocab_size"]
-  if not (vocab_size or known):
-    notes.append(f"vocabulary {vocab} words (F30K's; --vocab_size to change)")
-  return DataShapes(
-    regions, config.model.img_dim, length, vocab, images, "; ".join(notes)
-  )
+from srem_jax.train import step
 
 
 class _TargetDevice:
@@ -203,7 +153,7 @@ class RunPrograms:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
   def train_steps(self) -> list[Program]:
-    """The SREM / single-model update step of each phase, as `train._train`
+    """The SREM / single-model update step of each phase, as `srem.run_steps`
     builds it (`make_train_step(..., summed=True)`)."""
     config = self.config
     tx = step.make_optimizer(config.train, steps_per_epoch=1000)
@@ -227,11 +177,9 @@ class RunPrograms:
     return out
 
   def _pass_program(self, name, statistic, state) -> Program:
-    from srem_jax import selection
+    from srem_jax.train import selection
 
-    fn = selection._statistics_function(
-      self.model, statistic, self.mesh, self.on_device
-    )
+    fn = selection.statistics_function(self.model, statistic, self.mesh, self.on_device)
     size = _round_up(self.config.train.batch_size, self.mesh.devices.size)
     args = (self._variables(state), self._batch(size, "mask"), *self._features())
     return Program(f"{name} b{size}", fn, args)
@@ -242,18 +190,18 @@ class RunPrograms:
       return []
     if readings.resolve(config.loss)["selection"] != "epoch_gmm":
       return []
-    from srem_jax import selection
+    from srem_jax.train import selection
 
     state = self._state(step.make_optimizer(config.train, steps_per_epoch=1000))
     statistic = selection.SremStatistics(config.loss.tau, config.loss.energy_temp)
     return [self._pass_program("selection pass", statistic, state)]
 
   def ncr_steps(self) -> list[Program]:
-    """NCR's warm-up and co-training steps as `ncr_train._Runner` jits them,
+    """NCR's warm-up and co-training steps as `co_training.Runner` jits them,
     and its division pass."""
     import functools
 
-    from srem_jax import ncr_step, ncr_train
+    from srem_jax.train import co_training, ncr_step
 
     config, mesh = self.config, self.mesh
     tx = ncr_step.make_optimizer(config.train)
@@ -268,7 +216,9 @@ class RunPrograms:
     out = [
       Program(
         f"ncr warm-up step b{size}",
-        ncr_train._jit(functools.partial(ncr_step.warmup_step, **kw), mesh).jitted,
+        co_training.jit_step(
+          functools.partial(ncr_step.warmup_step, **kw), mesh
+        ).jitted,
         ((state, sums), batch, lr, *features),
       )
     ]
@@ -280,19 +230,19 @@ class RunPrograms:
       batches = {"l": labelled, **({"u": batch} if unlabelled else {})}
       name = f"ncr co-train step{' +unlabelled' if unlabelled else ''} b{size}"
       args = ((state, sums), state, batches, lr, *features)
-      out.append(Program(name, ncr_train._jit(fn, mesh).jitted, args))
+      out.append(Program(name, co_training.jit_step(fn, mesh).jitted, args))
     statistic = ncr_step.PerSampleLoss(float(config.loss.margin))
     out.append(self._pass_program("ncr division pass", statistic, state))
     return out
 
   def evaluation(self) -> list[Program]:
-    """The encoders and one scorer call (`retrieval._eval_functions`) over one
+    """The encoders and one scorer call (`retrieval.eval_functions`) over one
     image block and one caption tile at the static length."""
-    from srem_jax import retrieval
+    from srem_jax.eval import retrieval
 
     s, plan, mesh = self.shapes, self.plan, self.mesh
     devices = mesh.devices.size
-    fns = retrieval._eval_functions(self.model, mesh)
+    fns = retrieval.eval_functions(self.model, mesh)
     state = self._state(step.make_optimizer(self.config.train, steps_per_epoch=1000))
     variables = self._variables(state)
     size = _round_up(self.config.eval.batch_size, devices)

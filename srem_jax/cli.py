@@ -1,6 +1,7 @@
 """Command-line plumbing shared by every entry point.
 
-Owns: loading `--config` files (with `configs/` importable from anywhere),
+Owns: loading `--config` files (`configs` is an installed package, so a
+variant's `from configs import base` works from any directory),
 turning flag and config mistakes into one clear line, and running a main
 function so that a `UserError` exits with status 2 and no traceback.
 
@@ -11,7 +12,6 @@ function so that a `UserError` exits with status 2 and no traceback.
 
 import importlib.util
 import os
-import pathlib
 import re
 import sys
 from typing import Callable
@@ -20,11 +20,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from srem_jax.errors import UserError
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Config variants do `from configs import base`; make that work from any cwd.
-if str(REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(REPO_ROOT))
 
 
 def define_config_flag():

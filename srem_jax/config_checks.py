@@ -12,8 +12,9 @@ prepared data, once it is opened.
 
 import math
 
-from srem_jax import execution, losses, ncr, padding, readings
+from srem_jax import execution, padding
 from srem_jax.errors import UserError
+from srem_jax.methods import losses, ncr, readings
 from srem_jax.models.heads import REMAT_MODES
 from srem_jax.models.numerics import PRECISIONS
 
@@ -61,9 +62,7 @@ def _get(config, key):
   return node
 
 
-def validate(
-  config, num_devices: int | None = None, process_count: int = 1
-) -> None:
+def validate(config, num_devices: int | None = None, process_count: int = 1) -> None:
   """Raises UserError for the first invalid field found; with `num_devices`,
   also the fields that must fit the devices (`mesh.data`, the batch)."""
   for key in _BOOLEANS:
@@ -125,8 +124,7 @@ def check_batch_fits(batch_size: int, n_captions: int) -> None:
   """An epoch needs one whole batch of training captions."""
   if batch_size > n_captions:
     raise UserError(
-      f"config train.batch_size={batch_size} exceeds the {n_captions} "
-      "training captions"
+      f"config train.batch_size={batch_size} exceeds the {n_captions} training captions"
     )
 
 

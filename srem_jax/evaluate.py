@@ -1,8 +1,8 @@
 """The evaluation program: checkpoints in, recalls with the published protocols out.
 
 Loads each checkpoint (a run's workdir, an orbax folder or an NCR .pth.tar)
-with its own architecture, scores the split with `srem_jax.retrieval` (the
-evaluator training uses too) and ranks the result. Several models
+with its own architecture and scores the split with the evaluator training
+uses too (`srem_jax.eval.evaluator`). Several models
 (checkpoints, NCR's model A and B from a .pth.tar, or both models of a
 `loss.name="ncr"` run) form an ensemble by averaging their similarity
 matrices, as SGRAF and NCR do.
@@ -17,19 +17,12 @@ import jax
 import numpy as np
 from absl import flags
 
-from srem_jax import (
-  checkpoint,
-  cli,
-  config_checks,
-  execution,
-  padding,
-  retrieval,
-  sharding,
-)
-from srem_jax.data import dataset, pipeline
+from srem_jax import checkpoint, cli, config_checks, execution, padding, sharding
+from srem_jax.data import dataset, prepared_split
 from srem_jax.errors import UserError
+from srem_jax.eval import evaluator
 from srem_jax.models.sgraf import build_model
-from srem_jax.reporting import Reporter, recall_table
+from srem_jax.report.reporting import Reporter, recall_table
 
 # ---- command line -----------------------------------------------------------
 
@@ -96,14 +89,13 @@ def _model_config(config, overrides):
   return model_cfg
 
 
-def _models_for(path, config, split, caption_len, torch_model):
+def _models_for(path, config, split, caption_len, torch_model, plan):
   """(model, variables) pairs that one --checkpoint contributes.
 
   The architecture comes from the checkpoint (its training record, or the
   NCR `opt`), so SGR and SAF checkpoints form an ensemble in one command.
   """
   vocab_size = split.vocab_size
-  plan = execution.resolve(config.execution)
   if path.endswith((".pth", ".pth.tar", ".tar")):
     from srem_jax.models import torch_import  # needs the optional torch extra
 
@@ -143,31 +135,33 @@ def run_evaluation(
     )
   config_checks.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config.mesh.data)
-  print(f"execution: {execution.resolve(config.execution).reason}")
+  plan = execution.resolve(config.execution)
+  print(f"execution: {plan.reason}")
   warning = execution.cpu_fallback_warning(config.execution)
   if warning:
     print(warning)
   split_name = split_name or config.data.test_split
   protocol = protocol or config.data.eval_protocol
   prepared_dir = dataset.ensure_prepared(config.data, print, config.progress)
-  split = pipeline.load_prepared(prepared_dir, config.data.name, split_name)
+  split = prepared_split.load_prepared(prepared_dir, config.data.name, split_name)
   caption_len = padding.static_length(
     split.max_caption_len, config.data.caption_len, split.split
   )
   models = [
     pair
     for path in checkpoints
-    for pair in _models_for(path, config, split, caption_len, torch_model)
+    for pair in _models_for(path, config, split, caption_len, torch_model, plan)
   ]
-  total = None
-  for model, variables in models:
-    variables = jax.device_put(variables, sharding.replicated(mesh))
-    sims, cap_to_img = retrieval.similarity_matrix(
-      model, variables, split, config, mesh, caption_len, split.n_images
-    )
-    total = sims.astype(np.float64) if total is None else total + sims
-  sims = (total / len(models)).astype(np.float32)
-  result = retrieval.rank_metrics(sims, cap_to_img, protocol)
+  # Members may differ in architecture (SGR beside SAF): each brings its model.
+  evaluate = evaluator.for_config(
+    config, models[0][0], split, mesh, plan, caption_len=caption_len,
+    num_images=split.n_images, protocol=protocol,
+  )  # fmt: skip
+  result, sims, _ = evaluate.run(
+    [jax.device_put(variables, sharding.replicated(mesh)) for _, variables in models],
+    models=[model for model, _ in models],
+    return_matrix=True,
+  )
   first = os.path.abspath(checkpoints[0])
   base = first if os.path.isdir(first) else os.path.dirname(first)
   workdir = workdir or os.path.join(base, f"eval_{split_name}")

@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 import jax
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Preset:
   img_chunk: int  # images per device per scan step, training SGR
@@ -40,7 +39,7 @@ GIB = 1024**3
 # ~40 MB per image against 128 captions of 77 words at E = 1024 when
 # training, ~0.3 GB per caption against 1,000 images when scoring. The
 # compiled programs' own needs at these sizes are printed by
-# `python -m srem_jax.bench checks` (and tested).
+# `python benchmarks/bench.py checks` (and tested).
 PRESETS = {
   "cpu": Preset(
     img_chunk=4,

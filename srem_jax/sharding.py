@@ -8,6 +8,7 @@ slice of the global batch; `global_batch` stitches the slices together.
     mesh = make_mesh(config.mesh.data)
     batch = global_batch(next(loader), mesh)  # leading axis sharded on "data"
     for batch in prefetch_global(loader, mesh, depth=2): ...  # batches ahead
+    rows = to_host(global_array)  # every row on this host, one transfer
 """
 
 import collections
@@ -16,7 +17,6 @@ from typing import Iterable, Iterator
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
 
 DATA_AXIS = "data"
 
@@ -68,3 +68,21 @@ def prefetch_global(
       yield queue.popleft()
   while queue:
     yield queue.popleft()
+
+
+def place(x: np.ndarray, where) -> jax.Array:
+  """A global array from a host array every process holds: an explicit copy."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return jax.device_put(x, where)
+  # Each process fills its own devices' shards of the global array.
+  return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
+
+
+def to_host(tree):
+  """Every row of a tree of global arrays on this host: one explicit transfer."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)

@@ -16,8 +16,9 @@ import numpy as np
 import tiny
 from absl import app, flags
 
-from srem_jax import distributed, execution, sharding, train
+from srem_jax import distributed, execution, sharding
 from srem_jax.models.sgraf import build_model
+from srem_jax.train.step import init_state, make_optimizer, make_train_step
 
 _DISTRIBUTED = distributed.define_flags()
 _OUT = flags.DEFINE_string("out", None, "Output prefix of the parameter files.")
@@ -58,8 +59,8 @@ def main(argv):
   train_cfg = ml_collections.ConfigDict(
     dict(lr=1e-2, lr_decay_epochs=0, lr_decay_factor=0.1, grad_clip=2.0)
   )
-  tx = train.make_optimizer(train_cfg, steps_per_epoch=1)
-  state = train.init_state(
+  tx = make_optimizer(train_cfg, steps_per_epoch=1)
+  state = init_state(
     model,
     tx,
     seed=0,
@@ -68,7 +69,7 @@ def main(argv):
     caption_len=CAPTION_LEN,
     mesh=mesh,
   )
-  step_fn = train.make_train_step(
+  step_fn = make_train_step(
     model, tx, tiny.loss_options(), mesh, warmup=False, external_selection=False
   )
   # Rows of a global batch follow the mesh's device order, which groups each

@@ -2,8 +2,12 @@
 
 import importlib.util
 import pathlib
+import sys
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+# Scripts import each other by name (`import bench`), as when run from there.
+if str(BENCHMARKS) not in sys.path:
+  sys.path.append(str(BENCHMARKS))
 
 
 def load_benchmark(name: str):

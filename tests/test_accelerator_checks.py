@@ -7,12 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scripts import load_benchmark
 
-from srem_jax import accelerator_checks as ac
 from srem_jax import config_checks, execution
-from srem_jax.bench import TINY_DIMS
 from srem_jax.errors import UserError
 from srem_jax.models import heads, numerics
+from srem_jax.models.dims import TINY_DIMS
+
+ac = load_benchmark("accelerator_checks")
 
 # ---- exports for cuda and tpu, paper dimensions -----------------------------
 

@@ -14,9 +14,11 @@ import subprocess
 import sys
 
 import pytest
+from scripts import load_benchmark
 
 from configs import demo
-from srem_jax import aot, execution, sharding, targets
+from srem_jax import aot, execution, sharding
+from srem_jax.compile import shapes, targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +63,7 @@ def _names(**overrides):
     config[section][key] = value
   mesh = sharding.make_mesh(-1)
   plan = execution.resolve(config.execution)
-  programs = aot.RunPrograms(config, mesh, plan, aot.data_shapes(config)).all()
+  programs = aot.RunPrograms(config, mesh, plan, shapes.data_shapes(config)).all()
   return [p.name for p in programs]
 
 
@@ -188,17 +190,17 @@ def test_each_target_resolves_the_sizes_a_run_there_would():
 def test_a_dataset_s_sizes_come_from_the_config_or_are_stated():
   from configs import flickr
 
-  shapes = aot.data_shapes(flickr.get_config())
-  assert (shapes.caption_len, shapes.vocab_size, shapes.num_regions) == (77, 8481, 36)
-  assert "77" in shapes.note
-  assert aot.data_shapes(flickr.get_config(), caption_len=48).caption_len == 48
-  assert aot.data_shapes(demo.get_config()).num_regions == 8
+  f30k = shapes.data_shapes(flickr.get_config())
+  assert (f30k.caption_len, f30k.vocab_size, f30k.num_regions) == (77, 8481, 36)
+  assert "77" in f30k.note
+  assert shapes.data_shapes(flickr.get_config(), caption_len=48).caption_len == 48
+  assert shapes.data_shapes(demo.get_config()).num_regions == 8
 
 
 @pytest.mark.accelerator
 @needs_tpu
 def test_v5e_8_train_step_loops_hold_only_the_collectives_the_math_needs(tmp_path):
-  from srem_jax import accelerator_checks
+  accelerator_checks = load_benchmark("accelerator_checks")
 
   result, rows = _aot(
     tmp_path, "v5e-8", "--programs=train step main", f"--hlo_dir={tmp_path}", *FAST

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import xla_env
 
-from srem_jax import checkpoint, evaluate, execution, sharding, train
-from srem_jax.data import pipeline, prepare, synthetic
+from srem_jax import checkpoint, evaluate, execution, sharding
+from srem_jax.data import prepare, prepared_split, synthetic
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import build_model
+from srem_jax.train.step import init_state, make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "synthetic_precomp"
@@ -338,10 +339,10 @@ def tiny_config():
 def tiny_run_workdir(prepared, tmp_path_factory):
   """A run's workdir holding a best checkpoint of the tiny model (embed_dim 16)."""
   config = tiny_config()
-  split = pipeline.load_prepared(str(prepared / "prepared"), NAME, "train")
-  state = train.init_state(
+  split = prepared_split.load_prepared(str(prepared / "prepared"), NAME, "train")
+  state = init_state(
     build_model(config.model, split.vocab_size, execution.resolve()),
-    train.make_optimizer(config.train, steps_per_epoch=1),
+    make_optimizer(config.train, steps_per_epoch=1),
     seed=0,
     num_regions=split.num_regions,
     img_dim=split.feature_dim,
@@ -368,7 +369,7 @@ def test_shape_check_accepts_the_matching_model(prepared, tiny_run_workdir):
   # check names a wrong leaf even when only one of them differs.
   variables, record = checkpoint.load_variables(str(tiny_run_workdir))
   assert record["best_epoch"] == 1
-  split = pipeline.load_prepared(str(prepared / "prepared"), NAME, "test")
+  split = prepared_split.load_prepared(str(prepared / "prepared"), NAME, "test")
   model = build_model(tiny_config().model, split.vocab_size, execution.resolve())
   expected = evaluate._abstract_variables(model, split, split.max_caption_len)
   checkpoint.check_shapes(variables, expected, "run")

@@ -13,10 +13,11 @@ import rawdata
 import tiny
 from test_main import latest_params, tiny_config
 
-from srem_jax import config_checks, execution, resident, sharding, train
-from srem_jax.data import noise, pipeline, prepare
+from srem_jax import config_checks, execution, sharding, train
+from srem_jax.data import noise, pipeline, prepare, prepared_split, resident
 from srem_jax.errors import UserError
 from srem_jax.models.sgraf import SGRAF, build_model
+from srem_jax.train.step import init_state, make_train_step
 
 N_IMAGES, K, R, D, L, VOCAB = 24, 16, 4, 12, 7, 30
 
@@ -26,7 +27,7 @@ def prepared(tmp_path_factory):
   raw_dir = tmp_path_factory.mktemp("raw")
   truth = rawdata.write_raw(raw_dir, "toy", {"train": 7}, num_regions=3, feature_dim=5)
   out = prepare.prepare(str(raw_dir), "toy", "", str(raw_dir / "prep"), log=print)
-  return pipeline.load_prepared(out, "toy", "train"), truth["train"]
+  return prepared_split.load_prepared(out, "toy", "train"), truth["train"]
 
 
 def test_whole_split_reads_back_in_either_dtype(prepared):
@@ -88,7 +89,7 @@ def _fake_split(images):
 
 
 def _make_step(model, tx, mesh, on_device):
-  return train.make_train_step(
+  return make_train_step(
     model,
     tx,
     tiny.loss_options(),
@@ -126,9 +127,7 @@ def test_step_on_resident_features_equals_the_host_fed_step():
   model = build_model(tiny.model_config("sgr", img_dim=D), VOCAB, execution.resolve())
   tx = optax.adam(1e-2)
   initial = jax.device_get(
-    train.init_state(
-      model, tx, seed=0, num_regions=R, img_dim=D, caption_len=L, mesh=mesh
-    )
+    init_state(model, tx, seed=0, num_regions=R, img_dim=D, caption_len=L, mesh=mesh)
   )
   images = np.random.default_rng(7).normal(size=(N_IMAGES, R, D)).astype(np.float32)
   host_fed = _make_step(model, tx, mesh, on_device=False)

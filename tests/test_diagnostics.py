@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srem_jax import diagnostics
 from srem_jax.errors import UserError
+from srem_jax.report import diagnostics
 
 
 def test_sums_and_summary_by_hand():

@@ -1,9 +1,9 @@
-"""Tests for srem_jax.gmm: parameter recovery, posteriors, the forced-noisy rule."""
+"""Tests for srem_jax.methods.gmm: parameter recovery, posteriors, the forced-noisy rule."""
 
 import numpy as np
 import pytest
 
-from srem_jax import gmm
+from srem_jax.methods import gmm
 
 
 def two_clusters(seed=0, n_low=600, n_high=400, std_low=0.5, std_high=1.0):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from srem_jax.models import heads
-from srem_jax.models.heads import GraphReasoning, masked_softmax
+from srem_jax.models.heads import GraphReasoning
+from srem_jax.models.numerics import masked_softmax
 from srem_jax.models.sgraf import SGRAF, CaptionEmbedding, ImageEmbedding
 
 NUM_IMG, MAX_LEN = 3, 7

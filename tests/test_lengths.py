@@ -117,7 +117,7 @@ NUM_TRAIN, REGIONS, FEATURES = 40, 4, 12  # 200 captions
 
 @pytest.fixture(scope="module")
 def long_split(tmp_path_factory):
-  from srem_jax.data import pipeline, prepare, synthetic
+  from srem_jax.data import prepare, prepared_split, synthetic
 
   root = str(tmp_path_factory.mktemp("long"))
   sizes = dict(num_dev=1, num_test=1, num_regions=REGIONS, feature_dim=FEATURES)
@@ -127,7 +127,7 @@ def long_split(tmp_path_factory):
   out = prepare.prepare(
     root, "synthetic_precomp", "", root + "/prep", ["train"], log=lambda _: None
   )
-  return pipeline.load_prepared(out, "synthetic_precomp", "train")
+  return prepared_split.load_prepared(out, "synthetic_precomp", "train")
 
 
 def test_long_captions_have_a_long_tail(long_split):
@@ -212,8 +212,9 @@ def test_bucketed_step_equals_padded_to_max_on_eight_devices(long_split, head):
   import optax
   import tiny
 
-  from srem_jax import execution, sharding, step
+  from srem_jax import execution, sharding
   from srem_jax.models.sgraf import build_model
+  from srem_jax.train import step
 
   assert jax.device_count() == 8
   mesh = sharding.make_mesh(-1)

@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 from test_main import tiny_config
 
-from srem_jax import diagnostics, sharding, train
+from srem_jax import sharding, train
+from srem_jax.report import diagnostics
+from srem_jax.train import run as train_run
+from srem_jax.train import srem, step
 
 pytestmark = pytest.mark.slow  # two short runs of the main job
 
@@ -40,10 +43,12 @@ def fixed_selection(n_captions, epoch):
 
 def reference_run(config, workdir):
   """The step-by-step loop: returns the final state and the sums after each step."""
-  run = train._open_run(config, workdir)
-  state, selection, _ = train._initial_state(run)
+  run = train_run.open_run(
+    config, workdir, lambda spe: step.make_optimizer(config.train, spe)
+  )
+  state, selection, _ = srem.initial_state(run)
   spe, history, summaries = run.steps_per_epoch, [], []
-  loss_kw = train.loss_options(config.loss)
+  loss_kw = step.loss_options(config.loss)
   external = config.loss.selection == "epoch_gmm"
   for epoch in range(config.train.epochs):
     warmup = epoch < config.train.warmup_epochs
@@ -56,7 +61,7 @@ def reference_run(config, workdir):
         batch["selected"] = selection[batch["cap_index"]]
       key = batch["tokens"].shape[1]
       if key not in steps:
-        steps[key] = train.make_train_step(
+        steps[key] = step.make_train_step(
           run.model,
           run.tx,
           loss_kw,
@@ -65,7 +70,7 @@ def reference_run(config, workdir):
           external_selection=clean_given,
         )
       state, metrics = steps[key](state, sharding.global_batch(batch, run.mesh))
-      metrics.pop(train.PAIRS)
+      metrics.pop(step.PAIRS)
       metrics["steps"] = 1.0
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
       history.append(jax.device_get(sums))
@@ -92,17 +97,17 @@ def test_loop_equals_the_step_by_step_loop_under_a_transfer_guard(
     config, str(tmp_path / "reference")
   )
 
-  real_make = train.make_train_step
+  real_make = step.make_train_step
   history, guards, last = [], [], {}
 
   def recording(*args, **kwargs):
-    step = real_make(*args, **kwargs)
+    made = real_make(*args, **kwargs)
 
     def stepped(carry, batch):
       guards.append(jax.config.jax_transfer_guard_host_to_device)
       with pytest.raises(jax.errors.JaxRuntimeError, match="Disallowed"):
         jnp.add(np.ones(2, np.float32), 1)  # an implicit transfer: refused
-      carry, pairs = step(carry, batch)
+      carry, pairs = made(carry, batch)
       history.append(jax.device_get(carry[1]))
       last["state"] = jax.device_get(carry[0])
       return carry, pairs
@@ -114,8 +119,8 @@ def test_loop_equals_the_step_by_step_loop_under_a_transfer_guard(
       data.train.n_captions, int(jax.device_get(state.step)) // 7 - 1
     )
 
-  monkeypatch.setattr(train, "make_train_step", recording)
-  monkeypatch.setattr(train, "gmm_selection", selection_pass)
+  monkeypatch.setattr(srem, "make_train_step", recording)
+  monkeypatch.setattr(srem, "gmm_selection", selection_pass)
   workdir = tmp_path / "loop"
   train.train_and_evaluate(config, str(workdir))
 

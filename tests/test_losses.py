@@ -1,4 +1,4 @@
-"""Tests for srem_jax.losses against float64 NumPy re-implementations of SPEC §3."""
+"""Tests for srem_jax.methods.losses against float64 NumPy re-implementations of SPEC §3."""
 
 import functools
 
@@ -10,8 +10,9 @@ import pytest
 from absl.testing import parameterized
 
 from configs import base
-from srem_jax import config_checks, losses
+from srem_jax import config_checks
 from srem_jax.errors import UserError
+from srem_jax.methods import losses
 
 TAU = 0.05
 SIZES = (8, 1, 2)

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 import xla_env
 
-from srem_jax import checkpoint, evaluate, losses, retrieval, train
+from srem_jax import checkpoint, evaluate, train
 from srem_jax.errors import UserError
+from srem_jax.eval import retrieval
+from srem_jax.methods import losses
+from srem_jax.train import srem
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -111,7 +114,7 @@ def test_outputs_of_a_run(full_run):
         assert mean == pytest.approx(train_record[f"{key}_{group}"], rel=1e-4)
   check_events(workdir, records, truth)
   # Validation of epoch 2 and the final test reused epoch 1's compiled functions.
-  assert retrieval._eval_functions.cache_info().hits >= 2
+  assert retrieval.eval_functions.cache_info().hits >= 2
 
 
 def check_events(workdir, records, last_truth):
@@ -170,7 +173,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(
   full_run, data_dir, tmp_path, monkeypatch
 ):
   workdir, results = full_run
-  real_make = train.make_train_step
+  real_make = srem.make_train_step
   calls = {"n": 0}
 
   def make_with_signal(*args, **kwargs):
@@ -184,7 +187,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(
 
     return stepped
 
-  monkeypatch.setattr(train, "make_train_step", make_with_signal)
+  monkeypatch.setattr(srem, "make_train_step", make_with_signal)
   with pytest.raises(SystemExit) as exit_info:
     train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
   assert exit_info.value.code == 0
@@ -192,7 +195,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(
   assert interrupted.latest.latest_step() == 3
   interrupted.close()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-  monkeypatch.setattr(train, "make_train_step", real_make)
+  monkeypatch.setattr(srem, "make_train_step", real_make)
   resumed = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
   chex.assert_trees_all_equal(latest_params(tmp_path), latest_params(workdir))
   assert resumed["test"] == results["test"]

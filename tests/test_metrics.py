@@ -1,10 +1,10 @@
-"""Tests for srem_jax.metrics on hand-ranked matrices and a loop-by-loop reference."""
+"""Tests for srem_jax.eval.metrics on hand-ranked matrices and a loop-by-loop reference."""
 
 import numpy as np
 import pytest
 
-from srem_jax import metrics
 from srem_jax.errors import UserError
+from srem_jax.eval import metrics
 
 # 3 images x 15 captions, captions 5i..5i+4 belong to image i. Ranks by hand:
 #   i2t: image 0 best gt 0.9, nothing above -> 0; image 1 best gt 0.6 under

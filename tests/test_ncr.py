@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from test_main import tiny_config
 
-from srem_jax import checkpoint, evaluate, ncr, ncr_train, train
+from srem_jax import checkpoint, evaluate, train
+from srem_jax.methods import ncr
+from srem_jax.train import co_training
 
 MARGIN = 0.2
 
@@ -233,7 +235,7 @@ def test_ncr_run_records_division_and_keeps_both_models(ncr_run):
   train_records = [r for r in records if r["split"] == "train"]
   assert [r["warmup"] for r in train_records] == [True, False, False]
   for r in train_records[1:]:
-    for m in ncr_train.MEMBERS:
+    for m in co_training.MEMBERS:
       assert 0 < r[f"labelled_frac_{m}"] < 1
     assert r["loss_labelled"] > 0
   assert train_records[1]["loss_unlabelled"] == 0 < train_records[2]["loss_unlabelled"]
@@ -254,7 +256,7 @@ def test_ncr_sigterm_in_co_training_resumes_exactly(
   ncr_run, data_dir, tmp_path, monkeypatch
 ):
   workdir, results = ncr_run
-  real_jit = ncr_train._jit
+  real_jit = co_training.jit_step
   made = []
 
   def counting_jit(fn, mesh):
@@ -272,7 +274,7 @@ def test_ncr_sigterm_in_co_training_resumes_exactly(
 
     return call
 
-  monkeypatch.setattr(ncr_train, "_jit", counting_jit)
+  monkeypatch.setattr(co_training, "jit_step", counting_jit)
   with pytest.raises(SystemExit) as exit_info:
     train.train_and_evaluate(ncr_config(data_dir), str(tmp_path))
   assert exit_info.value.code == 0
@@ -282,7 +284,7 @@ def test_ncr_sigterm_in_co_training_resumes_exactly(
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
   ends = [r["step"] for r in records if r["split"] == "val"]
   assert ends[1] < stopped_at < ends[2]  # inside the last epoch
-  monkeypatch.setattr(ncr_train, "_jit", real_jit)
+  monkeypatch.setattr(co_training, "jit_step", real_jit)
   resumed = train.train_and_evaluate(ncr_config(data_dir), str(tmp_path))
   (ra, rb), _ = _members(tmp_path)
   (ea, eb), _ = _members(workdir)

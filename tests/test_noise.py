@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from configs import base
+from srem_jax import config_checks
 from srem_jax.data import noise
 from srem_jax.errors import UserError
 
@@ -169,5 +171,7 @@ def test_rejects_unreadable_noise_file(tmp_path):
   [({"ratio": 1.5}, "noise.ratio"), ({"protocol": "word"}, "noise.protocol")],
 )
 def test_rejects_bad_settings(tmp_path, overrides, message):
+  config = base.get_config()
+  config.noise.update(overrides)
   with pytest.raises(UserError, match=message):
-    _resolve(tmp_path, **overrides)
+    config_checks.validate(config)

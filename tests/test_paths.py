@@ -4,7 +4,7 @@ import json
 import os
 
 from srem_jax import paths
-from srem_jax.reporting import Reporter
+from srem_jax.report.reporting import Reporter
 
 
 def test_bucket_url_is_left_intact():

@@ -7,8 +7,9 @@ import pytest
 import rawdata
 
 from srem_jax import config_checks
-from srem_jax.data import pipeline, prepare
+from srem_jax.data import pipeline, prepare, prepared_split
 from srem_jax.errors import UserError
+from srem_jax.train import run as train_run
 
 N_TRAIN, N_TEST = 7, 3  # 35 and 15 captions
 
@@ -20,7 +21,7 @@ def data(tmp_path_factory):
     raw_dir, "toy", {"train": N_TRAIN, "test": N_TEST}, rows_per_caption=("test",)
   )
   out = prepare.prepare(str(raw_dir), "toy", "", str(raw_dir / "prep"), log=print)
-  splits = {s: pipeline.load_prepared(out, "toy", s) for s in ("train", "test")}
+  splits = {s: prepared_split.load_prepared(out, "toy", s) for s in ("train", "test")}
   return splits, truth
 
 
@@ -99,7 +100,7 @@ def test_resume_mid_epoch_gives_the_same_next_batches(data, noisy):
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
   with pytest.raises(UserError, match="train.seed"):
-    _loader(data, noisy, seed=3).set_state(state)
+    train_run.check_resume(state, _loader(data, noisy, seed=3).get_state())
 
 
 def test_process_slices_are_disjoint_and_make_the_global_batch(data, noisy):
@@ -194,12 +195,12 @@ def test_pair_stream_covers_the_training_set_once(data, noisy):
 def test_caption_length(data):
   split = data[0]["train"]
   longest = split.max_caption_len
-  assert pipeline.caption_length(split, 0) == longest
-  assert pipeline.caption_length(split, longest + 3) == longest + 3
+  assert prepared_split.caption_length(split, 0) == longest
+  assert prepared_split.caption_length(split, longest + 3) == longest + 3
   with pytest.raises(
     UserError, match=rf"data.caption_len={longest - 1} .*\({longest} tokens"
   ):
-    pipeline.caption_length(split, longest - 1)
+    prepared_split.caption_length(split, longest - 1)
 
 
 def test_worker_processes_give_the_same_batches_and_resume(data, noisy):

@@ -5,7 +5,7 @@ import struct
 
 import numpy as np
 
-from srem_jax import plots
+from srem_jax.report import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ import pytest
 import rawdata
 import tensorflow_datasets as tfds
 
-from srem_jax.data import pipeline, prepare
+from srem_jax.data import prepare, prepared_split
 from srem_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +96,7 @@ def test_missing_vocab_and_missing_split(raw, tmp_path):
   with pytest.raises(UserError, match="dev_ims.npy"):
     prepare.prepare(raw_dir, "toy", "", str(tmp_path / "prep"), ["dev"], log=print)
   with pytest.raises(UserError, match="no prepared copy of toy/dev"):
-    pipeline.load_prepared(str(tmp_path / "prep"), "toy", "dev")
+    prepared_split.load_prepared(str(tmp_path / "prep"), "toy", "dev")
 
 
 def test_failed_build_leaves_no_copy(raw, tmp_path, monkeypatch):
@@ -137,7 +137,7 @@ def test_killed_build_is_not_taken_for_complete_and_is_rebuilt(raw, tmp_path):
   assert leftovers and all(name.startswith("incomplete") for name in leftovers)
   assert not prepare.is_prepared(out, "toy", ["train"])
   with pytest.raises(UserError, match="no prepared copy"):
-    pipeline.load_prepared(out, "toy", "train")
+    prepared_split.load_prepared(out, "toy", "train")
   prepare.prepare(raw_dir, "toy", "", out, ["train"], log=print)
   tokens = [r["tokens"].tolist() for r in _records(out, "train", "captions")]
   assert tokens == [t.tolist() for t in truth["train"].tokens]

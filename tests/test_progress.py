@@ -9,10 +9,12 @@ import pytest
 import rawdata
 from test_main import tiny_config
 
-from srem_jax import execution, retrieval, selection, sharding
+from srem_jax import execution, sharding
 from srem_jax.data import dataset, prepare
+from srem_jax.eval import evaluator
 from srem_jax.models.sgraf import build_model
-from srem_jax.reporting import PassProgress
+from srem_jax.report.reporting import PassProgress
+from srem_jax.train import selection
 
 
 class FakeClock:
@@ -156,9 +158,11 @@ def test_all_pairs_scoring_reports_tiles_pairs_per_second_and_eta(
   config = config.copy_and_resolve_references()
   config.progress.enabled = enabled
   split = data.test  # 10 images x 50 captions; tiles of 8 x 16
-  sims, _ = retrieval.similarity_matrix(
-    model, variables, split, config, mesh, data.caption_len, split.n_images
-  )
+  evaluate = evaluator.for_config(
+    config, model, split, mesh, execution.resolve(config.execution),
+    caption_len=data.caption_len,
+  )  # fmt: skip
+  sims, _ = evaluate.similarity(variables)
   assert sims.shape == (10, 50)
   lines = _lines(capsys.readouterr().out, "test scoring")
   if not enabled:

@@ -1,4 +1,4 @@
-"""Tests for the readings of SREM (srem_jax/readings.py) and the loss pieces
+"""Tests for the readings of SREM (srem_jax/methods/readings.py) and the loss pieces
 only they use, against float64 NumPy references."""
 
 import functools
@@ -21,10 +21,12 @@ from test_losses import (
 )
 
 from configs import base
-from srem_jax import config_checks, losses, readings, step
+from srem_jax import config_checks
 from srem_jax.errors import UserError
+from srem_jax.methods import losses, readings
+from srem_jax.train import step
 
-# ---- the readings' pieces (srem_jax/readings.py) ---------------------------
+# ---- the readings' pieces (srem_jax/methods/readings.py) ---------------------------
 
 
 def ref_classification(S, tau, weights=None):

@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 from test_main import tiny_config
 
-from srem_jax import execution, gmm, padding, resident, retrieval, selection, sharding
-from srem_jax.data import dataset, pipeline
-from srem_jax.losses import per_sample_stats
+from srem_jax import execution, padding, sharding
+from srem_jax.data import dataset, pipeline, resident
+from srem_jax.eval import evaluator, retrieval
+from srem_jax.methods import gmm
+from srem_jax.methods.losses import per_sample_stats
 from srem_jax.models import tiling
 from srem_jax.models.sgraf import SGRAF, CaptionEmbedding, ImageEmbedding, build_model
+from srem_jax.train import selection
 
 
 def _round_up(n, k):
@@ -129,26 +132,32 @@ def test_device_matrix_equals_the_host_tiled_reference(setup, num_images):
       np.array([len(t) for t in split.caption_tokens(np.flatnonzero(
         split.cap_to_img < num_images))]), 16, data.buckets)]  # fmt: skip
     assert len(set(lengths)) > 1, lengths
+  evaluate = evaluator.for_config(
+    config, model, split, mesh, execution.resolve(config.execution),
+    caption_len=data.caption_len, num_images=num_images,
+  )  # fmt: skip
   with jax.transfer_guard("disallow"):
-    result, sims, cap_to_img = retrieval.evaluate(
-      model, variables, split, config, mesh, data.caption_len, num_images,
-      return_matrix=True,
-    )  # fmt: skip
+    result, sims, cap_to_img = evaluate.run(variables, return_matrix=True)
   np.testing.assert_array_equal(cap_to_img, owners)
   assert sims.shape == expected.shape == (num_images, 5 * num_images)
   # Each pair is scored by the same per-tile program: the same summation order.
   np.testing.assert_array_equal(sims, expected)
-  assert result == retrieval.rank_metrics(expected, owners)
+  assert result == evaluator.rank_metrics(expected, owners)
+  # An ensemble of one model twice ranks the same matrix.
+  assert evaluate.run([variables, variables]) == result
 
 
 def test_the_same_embeddings_serve_every_epoch_without_recompiling(setup):
   config, data, model, variables, mesh = setup
-  args = (model, variables, data.val, config, mesh, data.caption_len, 10)
-  first = retrieval.evaluate(*args)
-  misses = retrieval._eval_functions(model, mesh).score_block._cache_size()
+  evaluate = evaluator.for_config(
+    config, model, data.val, mesh, execution.resolve(config.execution),
+    caption_len=data.caption_len, num_images=10,
+  )  # fmt: skip
+  first = evaluate.run(variables)
+  misses = retrieval.eval_functions(model, mesh).score_block._cache_size()
   with jax.transfer_guard("disallow"):
-    assert retrieval.evaluate(*args) == first
-  assert retrieval._eval_functions(model, mesh).score_block._cache_size() == misses
+    assert evaluate.run(variables) == first
+  assert retrieval.eval_functions(model, mesh).score_block._cache_size() == misses
 
 
 @pytest.mark.parametrize("on_device", [False, True], ids=["host", "resident"])

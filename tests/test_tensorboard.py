@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import plugin_hparams_pb2
 
-from srem_jax import tensorboard
+from srem_jax.report import tensorboard
 
 
 @pytest.fixture(params=["tensorboard", "framing"])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scripts import load_benchmark
 
-from srem_jax.losses import triplet_hardest
+from srem_jax.methods.losses import triplet_hardest
 from srem_jax.models.sgraf import SGRAF
 from srem_jax.models.torch_import import load_torch_checkpoint
 

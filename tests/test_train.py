@@ -10,8 +10,15 @@ import pytest
 import tiny
 from jax.sharding import Mesh
 
-from srem_jax import execution, sharding, train
+from srem_jax import execution, sharding
 from srem_jax.models.sgraf import build_model
+from srem_jax.train.step import (
+  PAIRS,
+  batch_scores,
+  init_state,
+  make_optimizer,
+  make_train_step,
+)
 
 K, R, D, L, VOCAB = 16, 4, 12, 7, 30
 
@@ -28,10 +35,10 @@ def run_steps(mesh, head, name, warmup, steps=2):
   # float noise in exactly-zero gradients (a bias before BatchNorm, SGR's key
   # bias under a softmax) into whole-sized steps.
   tx = optax.sgd(0.05)
-  state = train.init_state(
+  state = init_state(
     model, tx, seed=0, num_regions=R, img_dim=D, caption_len=L, mesh=mesh
   )
-  step = train.make_train_step(
+  step = make_train_step(
     model, tx, tiny.loss_options(name), mesh, warmup=warmup, external_selection=False
   )
   losses = []
@@ -73,12 +80,12 @@ def test_pair_scoring_is_split_across_devices():
       tiny.model_config("sgr", img_dim=D), VOCAB, execution.resolve()
     ).clone(img_chunk=K)
     tx = optax.sgd(0.05)
-    state = train.init_state(
+    state = init_state(
       model, tx, seed=0, num_regions=R, img_dim=D, caption_len=L, mesh=mesh
     )
     inputs = sharding.global_batch(batch(0), mesh)
     scores = jax.jit(
-      lambda p, b, mesh=mesh, model=model, state=state: train.batch_scores(
+      lambda p, b, mesh=mesh, model=model, state=state: batch_scores(
         model,
         p,
         state.batch_stats,
@@ -119,7 +126,7 @@ def test_step_returns_each_pairs_energy_entropy_and_truth():
   mesh = sharding.make_mesh(-1)
   model = build_model(tiny.model_config("sgr", img_dim=D), VOCAB, execution.resolve())
   tx = optax.sgd(0.05)
-  state = train.init_state(
+  state = init_state(
     model, tx, seed=0, num_regions=R, img_dim=D, caption_len=L, mesh=mesh
   )
   loss_kw = tiny.loss_options()
@@ -127,7 +134,7 @@ def test_step_returns_each_pairs_energy_entropy_and_truth():
   inputs = sharding.global_batch(host, mesh)
   # The step scores the batch with dropout drawn from fold_in(rng, step).
   scores, _ = jax.jit(
-    lambda s, b: train.batch_scores(
+    lambda s, b: batch_scores(
       model,
       s.params,
       s.batch_stats,
@@ -140,11 +147,11 @@ def test_step_returns_each_pairs_energy_entropy_and_truth():
   energy, entropy = reference_pair_values(
     scores, loss_kw["tau"], loss_kw["energy_temp"]
   )
-  step = train.make_train_step(
+  step = make_train_step(
     model, tx, loss_kw, mesh, warmup=False, external_selection=False
   )
   _, metrics = step(state, inputs)
-  pairs = jax.device_get(metrics[train.PAIRS])
+  pairs = jax.device_get(metrics[PAIRS])
   chex.assert_shape([pairs["energy"], pairs["entropy"], pairs["truly_clean"]], (K,))
   np.testing.assert_allclose(pairs["energy"], energy, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(pairs["entropy"], entropy, rtol=1e-5, atol=1e-5)
@@ -156,7 +163,7 @@ def test_learning_rate_steps_down():
   cfg = ml_collections.ConfigDict(
     dict(lr=2e-4, lr_decay_epochs=3, lr_decay_factor=0.1, grad_clip=2.0)
   )
-  tx = train.make_optimizer(cfg, steps_per_epoch=10)
+  tx = make_optimizer(cfg, steps_per_epoch=10)
   params = {"w": jnp.ones(())}
   opt_state = tx.init(params)
   sizes = []

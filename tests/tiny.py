@@ -7,7 +7,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import base  # noqa: E402
-from srem_jax import train  # noqa: E402
+from srem_jax.train import step  # noqa: E402
 
 
 def model_config(head="sgr", **dims):
@@ -22,7 +22,7 @@ def loss_options(name="srem"):
   """The default objective's keyword arguments, as the train step gets them."""
   config = base.get_config().loss
   config.name = name
-  return train.loss_options(config)
+  return step.loss_options(config)
 
 
 def random_batch(seed, *, batch, regions, features, caption_len, vocab):

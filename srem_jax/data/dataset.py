@@ -17,7 +17,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from srem_jax import config_checks, padding
-from srem_jax.data import layout, noise, pipeline, prepare, synthetic
+from srem_jax.data import layout, noise, prepare, prepared_split, synthetic
 from srem_jax.errors import UserError
 
 _LAYOUT_HELP = (
@@ -32,9 +32,9 @@ _LAYOUT_HELP = (
 
 @dataclasses.dataclass
 class RunData:
-  train: pipeline.PreparedSplit
-  val: pipeline.PreparedSplit
-  test: pipeline.PreparedSplit
+  train: prepared_split.PreparedSplit
+  val: prepared_split.PreparedSplit
+  test: prepared_split.PreparedSplit
   noise: noise.Noise
   caption_len: int  # the static padded length (model init, evaluation embeddings)
   buckets: tuple[int, ...]  # lengths a training batch may be padded to
@@ -109,9 +109,11 @@ def open_data(config, workdir: str, log: Callable[[str], None] = print) -> RunDa
   prepared_dir = _on_process_zero_first(
     lambda: ensure_prepared(data_cfg, log, config.progress)
   )
-  train = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.train_split)
-  val = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.val_split)
-  test = pipeline.load_prepared(prepared_dir, data_cfg.name, data_cfg.test_split)
+  train = prepared_split.load_prepared(
+    prepared_dir, data_cfg.name, data_cfg.train_split
+  )
+  val = prepared_split.load_prepared(prepared_dir, data_cfg.name, data_cfg.val_split)
+  test = prepared_split.load_prepared(prepared_dir, data_cfg.name, data_cfg.test_split)
   config_checks.validate_data(config, train=train, val=val, test=test)
   caption_len = padding.static_length(
     max(s.max_caption_len for s in (train, val, test)), data_cfg.caption_len

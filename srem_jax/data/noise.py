@@ -22,8 +22,6 @@ from etils import epath
 from srem_jax import paths
 from srem_jax.errors import UserError
 
-PROTOCOLS = ("caption", "image")
-
 
 @dataclasses.dataclass(frozen=True)
 class Noise:
@@ -175,16 +173,13 @@ def resolve_noise(
   caps_per_image: int,
   workdir: str,
 ) -> Noise:
-  """The training pairing: from `file`, clean for ratio 0, else generated and saved."""
+  """The training pairing: from `file`, clean for ratio 0, else generated and
+  saved (`ratio` and `protocol` checked at start-up by `config_checks`)."""
   _check_sizes(n_caps, n_imgs, caps_per_image)
   if file:
     return load_noise_file(file, n_caps, n_imgs, caps_per_image)
-  if not 0.0 <= ratio <= 1.0:
-    raise UserError(f"noise.ratio: expected a value in [0, 1], got {ratio}")
   if ratio == 0:
     return _make_noise(clean_t2i(n_caps, caps_per_image), caps_per_image, "none", "")
-  if protocol not in PROTOCOLS:
-    raise UserError(f"noise.protocol: expected one of {PROTOCOLS}, got {protocol!r}")
 
   native = _native_noise(protocol, ratio, seed, n_caps, n_imgs, caps_per_image)
   folder = epath.Path(workdir)

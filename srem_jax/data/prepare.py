@@ -33,7 +33,7 @@ from tensorflow_datasets.core import file_adapters
 from srem_jax import cli
 from srem_jax.data import layout, tokenizer
 from srem_jax.errors import UserError
-from srem_jax.reporting import PassProgress
+from srem_jax.report.reporting import PassProgress
 
 BUILDER_NAME = "srem_precomp"
 VERSION = "1.0.0"
@@ -289,7 +289,7 @@ def prepare(
 ) -> str:
   """Builds the prepared copy of every split (or those given) that lacks one.
 
-  Returns the prepared root to pass to `pipeline.load_prepared`. An empty
+  Returns the prepared root to pass to `srem_jax.data.prepared_split.load_prepared`. An empty
   `prepared_dir` means `<raw_dir>/prepared`; an empty `vocab_path` means the
   layout's default vocabulary file. `progress` prints records written, rate
   and ETA on stdout for a split that takes longer than `progress_delay_s`.

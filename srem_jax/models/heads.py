@@ -1,7 +1,6 @@
-"""SGRAF's global vectors and similarity heads, every image x every caption.
+"""SGRAF's similarity heads, every image x every caption.
 
-Owns `VisualSA` and `TextSA` (the attended global vectors), the per-pair SGR
-and SAF heads, and `SimilarityHead`, which scores a whole block of images
+Owns the per-pair SGR and SAF heads and `SimilarityHead`, which scores a whole block of images
 against a block of captions with masks for padded words so that each score
 equals the reference's unpadded computation (docs/method.md §Network). Names
 follow the PyTorch modules (`v_global_w.embedding_local`, `sim_tranloc_w`,
@@ -29,8 +28,6 @@ head runs per device under `shard_map` (`axis_name`): each device scores its
 own images against every caption, and SAF sums its statistics over devices.
 
 Train-mode BatchNorm versus the reference's loop over captions:
-- VisualSA's two BatchNorms see the same images as the reference (all images
-  given to `VisualSA` at once), so statistics and updates are identical.
 - SAF's one-channel BatchNorm is normalised per caption with statistics over
   (images x real nodes of that caption), as the reference's loop does. The
   reference updates the running statistics once per caption, in caption
@@ -40,8 +37,6 @@ Train-mode BatchNorm versus the reference's loop over captions:
   training batch is scored in several calls (each call is one chain of
   updates, in call order) or when captions are padded (pad captions are
   excluded).
-- Dropout in TextSA draws one mask per caption per call, like the reference,
-  but from JAX's generator, so the draws themselves differ.
 
     head = SimilarityHead(head="sgr", sim_dim=8, sgr_steps=3, smooth=9.0)
     variables = head.init(key, local, img_glob, words, cap_glob, mask, train=False)
@@ -59,12 +54,11 @@ from srem_jax.models.by_length import chunked, pad_rows, scores_by_length
 from srem_jax.models.encoders import (
   TORCH_BN_EPS,
   TORCH_BN_MOMENTUM,
-  TorchBatchNorm,
   dense,
   l1_normalize,
   l2_normalize,
 )
-from srem_jax.models.numerics import lax_precision, matmul, on_cpu
+from srem_jax.models.numerics import lax_precision, masked_softmax, matmul, on_cpu
 
 # What a caption chunk keeps for the backward pass: everything ("none"),
 # only its inputs ("full": the backward repeats the whole forward), or the
@@ -77,13 +71,6 @@ REMAT_POLICIES = {
   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 REMAT_MODES = tuple(REMAT_POLICIES)
-
-
-def masked_softmax(logits: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
-  """Softmax over the entries where mask is True; masked entries get weight 0."""
-  logits = jnp.asarray(logits)
-  logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-  return jax.nn.softmax(logits, axis=axis) * mask
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -152,68 +139,6 @@ def _squared_difference_bwd(residuals, grad):
 
 
 squared_difference.defvjp(_squared_difference_fwd, _squared_difference_bwd)
-
-
-class VisualSA(nn.Module):
-  """Attended global image vector; BatchNorm channels are the regions, then E."""
-
-  embed_dim: int
-  dropout: float
-  dtype: Any = jnp.float32
-  precision: str = "highest"
-
-  @nn.compact
-  def __call__(self, local: jax.Array, *, train: bool) -> jax.Array:
-    drop = nn.Dropout(self.dropout, deterministic=not train)
-    local_emb = dense(self.embed_dim, self.dtype, "embedding_local", self.precision)(
-      local
-    )
-    local_emb = TorchBatchNorm(channel_axis=1, name="embedding_local_bn")(
-      local_emb, train=train
-    )
-    local_emb = drop(jnp.tanh(local_emb))
-    global_emb = dense(self.embed_dim, self.dtype, "embedding_global", self.precision)(
-      jnp.mean(local, axis=1)
-    )
-    global_emb = TorchBatchNorm(channel_axis=-1, name="embedding_global_bn")(
-      global_emb, train=train
-    )
-    global_emb = drop(jnp.tanh(global_emb))
-    common = dense(1, self.dtype, "embedding_common", self.precision)(
-      local_emb * global_emb[:, None]
-    )
-    weights = jax.nn.softmax(common[..., 0].astype(jnp.float32), axis=1)
-    return l2_normalize(jnp.sum(weights[..., None] * local, axis=1))
-
-
-class TextSA(nn.Module):
-  """Attended global caption vector over real words only (no BatchNorm)."""
-
-  embed_dim: int
-  dropout: float
-  dtype: Any = jnp.float32
-  precision: str = "highest"
-
-  @nn.compact
-  def __call__(self, words: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
-    drop = nn.Dropout(self.dropout, deterministic=not train)
-    real = mask[..., None].astype(jnp.float32)
-    mean_word = jnp.sum(words * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1)
-    local_emb = drop(
-      jnp.tanh(
-        dense(self.embed_dim, self.dtype, "embedding_local", self.precision)(words)
-      )
-    )
-    global_emb = drop(
-      jnp.tanh(
-        dense(self.embed_dim, self.dtype, "embedding_global", self.precision)(mean_word)
-      )
-    )
-    common = dense(1, self.dtype, "embedding_common", self.precision)(
-      local_emb * global_emb[:, None]
-    )
-    weights = masked_softmax(common[..., 0].astype(jnp.float32), mask, axis=1)
-    return l2_normalize(jnp.sum(weights[..., None] * words, axis=1))
 
 
 class DenseParams(nn.Module):

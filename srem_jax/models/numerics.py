@@ -178,3 +178,10 @@ def matmul(
     preferred_element_type=jnp.float32,
     _dot_general=dot_general_for(dtype),
   )
+
+
+def masked_softmax(logits: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
+  """Softmax over the entries where mask is True; masked entries get weight 0."""
+  logits = jnp.asarray(logits)
+  logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  return jax.nn.softmax(logits, axis=axis) * mask

@@ -19,8 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from srem_jax.models.attention import TextSA, VisualSA
 from srem_jax.models.encoders import ImageEncoder, TextEncoder
-from srem_jax.models.heads import SimilarityHead, TextSA, VisualSA
+from srem_jax.models.heads import SimilarityHead
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -1,6 +1,7 @@
 """`python -m srem_jax.study`: the command line of `srem_jax.study`."""
 
 import os
+import pathlib
 import shlex
 import sys
 
@@ -8,9 +9,10 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
+import configs
 from srem_jax import cli, study
 from srem_jax.errors import UserError
-from srem_jax.readings import READINGS
+from srem_jax.methods.readings import READINGS
 from srem_jax.study import CLEAN_PHASE, METHODS, plan, run_study
 
 # absl's --help prints the main module's docstring: the package's.
@@ -18,7 +20,7 @@ __doc__ = study.__doc__
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
-  str(cli.REPO_ROOT / "configs" / "demo.py"),
+  str(pathlib.Path(configs.__file__).with_name("demo.py")),
   "Base config of every run; override fields with --config.a.b=v.",
   lock_config=True,
 )
@@ -34,7 +36,7 @@ _METHODS = flags.DEFINE_list("methods", ",".join(METHODS), "Methods to train.")
 _READINGS = flags.DEFINE_list(
   "readings",
   "",
-  "Readings of SREM (srem_jax/readings.py) trained at every noise ratio "
+  "Readings of SREM (srem_jax/methods/readings.py) trained at every noise ratio "
   "beside the methods, each as the method 'srem <reading>'.",
 )
 _IMAGE_RATIOS = flags.DEFINE_list("image_ratios", "0.4", "Image-level noise ratios.")

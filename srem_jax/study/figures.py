@@ -4,11 +4,13 @@ import os
 
 import numpy as np
 
-from srem_jax import checkpoint, execution, plots, selection, sharding
+from srem_jax import checkpoint, execution, sharding
 from srem_jax.data import dataset
 from srem_jax.models.sgraf import build_model
+from srem_jax.report import plots
 from srem_jax.study.settings import ABLATIONS, CLEAN_PHASE, METHODS, Setting, run_config
 from srem_jax.study.tables import RunSummary, group_runs, mean_std
+from srem_jax.train import selection
 
 
 def mean_curve(group: list[RunSummary], key: str, split: str = "train"):

@@ -40,7 +40,7 @@ class Setting:
 
 
 def reading_method(reading: str) -> str:
-  """The study's name for SREM under one reading (`srem_jax.readings`)."""
+  """The study's name for SREM under one reading (`srem_jax.methods.readings`)."""
   return f"srem {reading}"
 
 

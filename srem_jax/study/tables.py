@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from srem_jax import plots
+from srem_jax.report import plots
 from srem_jax.study.settings import Setting
 
 

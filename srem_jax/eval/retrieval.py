@@ -1,9 +1,7 @@
-"""All-pairs retrieval evaluation on the devices: embed once, score in place, rank.
+"""All-pairs retrieval scoring on the devices: embed once, score in place.
 
-`evaluate(model, variables, split, ...)` returns the published recalls of the
-first `num_images` images of a split and, with `return_matrix=True`, the
-(images x captions) matrix they were ranked from. Each image and caption is
-embedded exactly once and the embeddings stay on the devices:
+`embed_split` embeds the first `num_images` images of a split and their
+captions exactly once; the embeddings stay on the devices:
 
 - images as (blocks, img_tile, ...) arrays whose rows are split over the
   mesh ("data" axis), one block per scoring call;
@@ -12,15 +10,18 @@ embedded exactly once and the embeddings stay on the devices:
   (tiles, cap_tile, bucket length, ...) array, so a tile is padded only to
   its own bucket.
 
-One jitted call scores an image block against every caption tile
-(`lax.map` over each bucket's tiles) and returns the block's row of the
-matrix, columns back in the original caption order. Block k+1 is enqueued
+`score_embedded` makes one jitted call per image block against every caption
+tile (`lax.map` over each bucket's tiles), which returns the block's row of
+the matrix, columns back in the original caption order. Block k+1 is enqueued
 before block k is fetched (dispatch is asynchronous), so the one transfer
 per block overlaps the next block's compute. Device memory holds the
-embeddings and two blocks' rows; the host holds only the matrix.
+embeddings and two blocks' rows; the host holds only the matrix. The
+evaluator (`srem_jax.eval.evaluator`) ranks what these return.
 
-    metrics = evaluate(model, variables, split, config, mesh, caption_len, 1000)
-    metrics, sims, cap_to_img = evaluate(..., return_matrix=True)
+    emb = embed_split(model, variables, split, mesh, caption_len=40,
+                      num_images=1000, batch_size=128, img_tile=128,
+                      cap_tile=256, buckets=(40,))
+    sims = score_embedded(model, variables, emb, mesh)  # (1000, 5000) float32
 """
 
 import functools
@@ -31,33 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from srem_jax import execution, metrics, padding, sharding
+from srem_jax import sharding
 from srem_jax.data import pipeline
 from srem_jax.models import tiling
 from srem_jax.models.sgraf import SGRAF, CaptionEmbedding, ImageEmbedding
-from srem_jax.reporting import PassProgress
 
 
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
-
-
-def place(x: np.ndarray, where) -> jax.Array:
-  """A global array from a host array every process holds: an explicit copy."""
-  x = np.asarray(x)
-  if jax.process_count() == 1:
-    return jax.device_put(x, where)
-  # Each process fills its own devices' shards of the global array.
-  return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
-
-
-def to_host(tree):
-  """Every row of a tree of global arrays on this host: one explicit transfer."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.device_get(tree)
 
 
 class Functions(NamedTuple):
@@ -67,7 +49,7 @@ class Functions(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_functions(model, mesh) -> Functions:
+def eval_functions(model, mesh) -> Functions:
   """Jitted encoders and block scorer, built once per (model, mesh).
 
   Validation runs every epoch; fresh functions each time would recompile
@@ -150,13 +132,16 @@ def _tiles(lengths, cap_tile, buckets, static_len):
   return [(order[j : j + cap_tile], static_len) for j in range(0, len(order), cap_tile)]
 
 
-def embed_split(model, variables, split, config, mesh, caption_len, num_images):
-  """Embeds the first `num_images` images and their captions, each once."""
+def embed_split(
+  model, variables, split, mesh, *, caption_len, num_images, batch_size, img_tile,
+  cap_tile, buckets,
+) -> Embedded:  # fmt: skip
+  """Embeds the first `num_images` images and their captions, each once, in
+  batches of `batch_size` (rounded up to the devices)."""
   devices = mesh.devices.size
-  batch_size = _round_up(config.eval.batch_size, devices)
+  batch_size = _round_up(batch_size, devices)
   pindex, pcount = jax.process_index(), jax.process_count()
-  plan = execution.resolve(config.execution)
-  fns = _eval_functions(model, mesh)
+  fns = eval_functions(model, mesh)
   images = [
     fns.encode_images(variables, sharding.global_batch(batch, mesh)["images"])
     for batch in pipeline.image_batches(
@@ -175,7 +160,7 @@ def embed_split(model, variables, split, config, mesh, caption_len, num_images):
     )
   ]  # fmt: skip
   cap_index = np.flatnonzero(split.cap_to_img < num_images)
-  lengths = to_host(jnp.concatenate([c.mask.sum(axis=1) for c in captions]))
+  lengths = sharding.to_host(jnp.concatenate([c.mask.sum(axis=1) for c in captions]))
   # Global batches are the padded chunks of one index list in order, so
   # the real rows come first once the batches are concatenated.
   return lay_out(
@@ -185,9 +170,9 @@ def embed_split(model, variables, split, config, mesh, caption_len, num_images):
     lengths[: len(cap_index)],
     split.cap_to_img[cap_index],
     mesh=mesh,
-    img_tile=plan.img_tile,
-    cap_tile=plan.cap_tile,
-    buckets=padding.bucket_lengths(caption_len, config.data.caption_len),
+    img_tile=img_tile,
+    cap_tile=cap_tile,
+    buckets=buckets,
   )
 
 
@@ -220,7 +205,9 @@ def lay_out(
   order = np.concatenate([rows for rows, _ in tiles])
   caption_tiles = _caption_buckets(
     captions,
-    tuple(place(np.concatenate(g).astype(np.int32), full) for g in groups.values()),
+    tuple(
+      sharding.place(np.concatenate(g).astype(np.int32), full) for g in groups.values()
+    ),
     lengths=tuple(groups),
     cap_tile=cap_tile,
     where=full,
@@ -228,7 +215,7 @@ def lay_out(
   return Embedded(
     images=blocks,
     buckets=caption_tiles,
-    columns=place(np.argsort(order).astype(np.int32), full),
+    columns=sharding.place(np.argsort(order).astype(np.int32), full),
     num_images=num_images,
     tiles=len(tiles),
     cap_to_img=np.asarray(cap_to_img),
@@ -237,65 +224,24 @@ def lay_out(
 
 def score_embedded(model, variables, emb: Embedded, mesh, progress=None) -> np.ndarray:
   """The (images, captions) float32 matrix; one transfer per image block."""
-  score_block = _eval_functions(model, mesh).score_block
+  score_block = eval_functions(model, mesh).score_block
   full = sharding.replicated(mesh)
   blocks, img_tile = emb.images.local.shape[:2]
   sims = np.empty((emb.num_images, len(emb.cap_to_img)), np.float32)
 
   def fetch(k, block):
     rows = min(img_tile, emb.num_images - k * img_tile)
-    sims[k * img_tile : k * img_tile + rows] = to_host(block)[:rows]
+    sims[k * img_tile : k * img_tile + rows] = sharding.to_host(block)[:rows]
     if progress is not None:
       for t in range(k * emb.tiles, (k + 1) * emb.tiles):
         progress(t + 1, blocks * emb.tiles)
 
   pending = None
   for k in range(blocks):
-    index = place(np.int32(k), full)
+    index = sharding.place(np.int32(k), full)
     block = score_block(variables, emb.images, index, emb.buckets, emb.columns)
     if pending is not None:
       fetch(*pending)  # block k is already queued behind block k - 1
     pending = (k, block)
   fetch(*pending)
   return sims
-
-
-def similarity_matrix(model, variables, split, config, mesh, caption_len, num_images):
-  """(num_images, their captions) scores and the clean caption→image index."""
-  emb = embed_split(model, variables, split, config, mesh, caption_len, num_images)
-  progress = PassProgress(
-    f"{split.split} scoring",
-    None,
-    "tiles",
-    items=(emb.num_images * len(emb.cap_to_img), "pairs"),
-    enabled=config.progress.enabled,
-    delay_s=config.progress.delay_s,
-  )
-  return score_embedded(model, variables, emb, mesh, progress), emb.cap_to_img
-
-
-def rank_metrics(sims, cap_to_img, protocol: str = "full") -> dict:
-  if protocol == "coco":
-    return metrics.coco_protocol(sims, cap_to_img)
-  return metrics.retrieval_metrics(sims, cap_to_img)
-
-
-def evaluate(
-  model,
-  variables,
-  split,
-  config,
-  mesh,
-  caption_len,
-  num_images,
-  protocol="full",
-  *,
-  return_matrix=False,
-):
-  """Recalls of `split`'s first `num_images` images (`protocol` full or coco);
-  with `return_matrix`, (recalls, matrix, caption→image index)."""
-  sims, cap_to_img = similarity_matrix(
-    model, variables, split, config, mesh, caption_len, num_images
-  )
-  result = rank_metrics(sims, cap_to_img, protocol)
-  return (result, sims, cap_to_img) if return_matrix else result

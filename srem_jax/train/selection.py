@@ -23,10 +23,10 @@ import threading
 import jax
 import numpy as np
 
-from srem_jax import gmm, losses, resident, sharding
-from srem_jax.data import pipeline
-from srem_jax.reporting import PassProgress
-from srem_jax.retrieval import to_host
+from srem_jax import sharding
+from srem_jax.data import pipeline, resident
+from srem_jax.methods import gmm, losses
+from srem_jax.report.reporting import PassProgress
 
 STATISTICS = ("ce", "energy", "entropy")
 # Batches enqueued on the devices ahead of the one the host waits for: enough
@@ -91,7 +91,7 @@ class SremStatistics:
 
 
 @functools.lru_cache(maxsize=8)
-def _statistics_function(model, statistic, mesh, on_device: bool):
+def statistics_function(model, statistic, mesh, on_device: bool):
   """Jitted per-sample statistics of one batch, built once per model and
   statistic (a hashable `(scores, valid) -> {name: (K,) array}`)."""
 
@@ -133,7 +133,7 @@ def pair_statistics(
   n = data.train.n_captions
   on_device = features is not None
   statistic = statistic or SremStatistics(tau, temp)
-  stats = _statistics_function(model, statistic, mesh, on_device)
+  stats = statistics_function(model, statistic, mesh, on_device)
   progress = PassProgress(
     "selection statistics",
     _round_up(n, batch_size) // batch_size,
@@ -162,7 +162,7 @@ def pair_statistics(
       jax.block_until_ready(results[-1 - _IN_FLIGHT][0])
     progress(done)
   out = {}
-  for values, cap_index, keep in to_host(results):
+  for values, cap_index, keep in sharding.to_host(results):
     for key in values:
       column = out.setdefault(key, np.zeros(n, np.float32))
       column[cap_index[keep]] = values[key][keep]

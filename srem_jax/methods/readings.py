@@ -33,7 +33,7 @@ The choices, each beside the sentence of the abstract it interprets:
     options["clean_loss"]            # "ce" under reading r1
 """
 
-from srem_jax import losses
+from srem_jax.methods import losses
 
 # The component fields a reading fixes, with their allowed values.
 COMPONENTS = {

@@ -13,7 +13,7 @@ execution preset's sizes) and the checks on them:
   analysis of the CPU compile of the same program (the GPU/TPU compilers
   assign buffers differently; the figure is a guide, not a promise).
 
-`python -m srem_jax.bench checks` prints all of them at paper dimensions.
+`python benchmarks/bench.py checks` prints all of them at paper dimensions.
 
     fn, args = train_step_program("sgr", "float32", execution.resolve({"preset": "gpu"}))
     summary = dot_summary(exported_text(fn, args, "cuda"))
@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from srem_jax import execution, sharding, step
-from srem_jax.bench import PAPER_DIMS, make_model
+from srem_jax import execution, sharding
+from srem_jax.models.dims import PAPER_DIMS, make_model
 from srem_jax.models.sgraf import SGRAF, CaptionEmbedding, ImageEmbedding
+from srem_jax.train import step
 
 # The padded caption length of the F30K test split (its longest caption).
 F30K_CAPTION_LEN = 77
@@ -81,7 +82,12 @@ def train_step_program(
     "truly_clean": spec((batch,), jnp.bool_),
   }
   fn = step.make_train_step(
-    model, tx, step.loss_options(config.loss), mesh, warmup=False, external_selection=False
+    model,
+    tx,
+    step.loss_options(config.loss),
+    mesh,
+    warmup=False,
+    external_selection=False,
   )
   return fn, (state, batch_spec)
 
@@ -218,7 +224,7 @@ def memory_needs(fn, args) -> dict:
   return fields
 
 
-# ---- the report `python -m srem_jax.bench checks` prints --------------------
+# ---- the report `python benchmarks/bench.py checks` prints --------------------
 
 TARGETS = {"gpu": ("cuda", "H200"), "tpu": ("tpu", "TPU v5e")}
 

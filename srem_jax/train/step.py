@@ -25,8 +25,11 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from srem_jax import diagnostics, losses, readings, resident, sharding
+from srem_jax import sharding
+from srem_jax.data import resident
+from srem_jax.methods import losses, readings
 from srem_jax.models.sgraf import SGRAF
+from srem_jax.report import diagnostics
 
 # ---- state and optimizer ----------------------------------------------------
 
@@ -80,6 +83,11 @@ def init_state(model, tx, *, seed, num_regions, img_dim, caption_len, mesh):
     )
 
   return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+
+
+def model_variables(state) -> dict:
+  """The variables a model is applied with (and evaluated with) from a state."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 # ---- forward pass over a sharded batch --------------------------------------
@@ -325,3 +333,8 @@ class TimedJit:
       fn = self.compiled[key] = self.jitted.lower(*args).compile()
       self.compile_s += time.perf_counter() - start
     return fn(*args)
+
+
+def compile_seconds(fns) -> float:
+  """Seconds the `TimedJit`s among `fns` spent compiling (others count 0)."""
+  return sum(getattr(fn, "compile_s", 0.0) for fn in fns)

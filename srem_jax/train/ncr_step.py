@@ -1,7 +1,7 @@
 """NCR's jitted steps (docs/ncr.md): the updates of one of its two models.
 
-The loop in `srem_jax.ncr_train` holds the models' `TrainState`s and calls
-these; like `srem_jax.step` for the other methods, nothing here reads data or
+The loop in `srem_jax.train.co_training` holds the models' `TrainState`s and calls
+these; like `srem_jax.train.step` for the other methods, nothing here reads data or
 writes files. The learning rate is an argument (NCR sets it per epoch), so
 the optimizer is Adam without one.
 
@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from srem_jax import ncr, resident, step
+from srem_jax.data import resident
+from srem_jax.methods import ncr
+from srem_jax.train import step
 
 SUMMED = ("loss", "loss_labelled", "loss_unlabelled", "steps")
 

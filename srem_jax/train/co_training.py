@@ -21,9 +21,12 @@ reshuffles of the unlabelled set. Every batch is a function of (seed, epoch,
 model, step) and the division, which the checkpoint keeps, so a run stopped
 anywhere resumes exactly. The learning rate is `train.lr`, times
 `train.lr_decay_factor` from epoch `train.lr_decay_epochs` on (epochs counted
-from the first warm-up epoch, as for the other methods).
+from the first warm-up epoch, as for the other methods). Opening the run,
+its records, the best checkpoint, the resume check and the final test are
+`srem_jax.train.run`'s, as for the other methods; this module keeps the two
+models, their division and their steps.
 
-    results = ncr_train.train_and_evaluate(config, workdir)
+    results = co_training.train_and_evaluate(config, workdir)
 """
 
 import dataclasses
@@ -33,21 +36,13 @@ import time
 import jax
 import numpy as np
 
-from srem_jax import (
-  diagnostics,
-  ncr,
-  ncr_step,
-  plots,
-  retrieval,
-  selection,
-  sharding,
-  step,
-  tensorboard,
-  train,
-)
+from srem_jax import sharding
 from srem_jax.data import pipeline
-from srem_jax.errors import UserError
-from srem_jax.reporting import Progress
+from srem_jax.methods import ncr
+from srem_jax.report import diagnostics, tensorboard
+from srem_jax.report.reporting import Progress
+from srem_jax.train import ncr_step, selection, step
+from srem_jax.train import run as train_run
 
 MEMBERS = ("a", "b")
 
@@ -140,20 +135,13 @@ def _data_state(run, position: Position, divided: int) -> dict:
   }
 
 
-def _check_resume(run, data_state: dict) -> None:
-  for key, value in (
-    ("seed", run.config.train.seed),
-    ("global_batch_size", run.config.train.batch_size),
-  ):
-    if data_state[key] != value:
-      raise UserError(
-        f"the checkpoint's data iterator has {key}={data_state[key]} but this run "
-        f"has {value}; resume with the same train.seed and train.batch_size"
-      )
+def ensemble_variables(states) -> list[dict]:
+  """The two models' variables: validation and test rank their mean matrix."""
+  return [step.model_variables(states[member]) for member in MEMBERS]
 
 
-class _Runner:
-  """The NCR loop over one opened run (`train._open_run`)."""
+class Runner:
+  """The NCR loop over one opened run (`run.open_run`)."""
 
   def __init__(self, run, stop):
     self.run, self.stop = run, stop
@@ -167,18 +155,12 @@ class _Runner:
     self.prob = np.zeros((len(MEMBERS), n), np.float32)
     self.divided = -1  # epoch whose division `prob` holds
     self.position = Position()
-    self.record = {
-      "epoch": 0,
-      "best_rsum": -1.0,
-      "best_epoch": -1,
-      "method": ncr.NAME,
-      "model": cfg.model.to_dict(),
-    }
+    self.record = train_run.new_record(cfg, method=ncr.NAME)
     self.division = {}
     kw = dict(model=run.model, tx=run.tx, mesh=run.mesh, margin=float(cfg.loss.margin))
-    self._warmup = _jit(functools.partial(ncr_step.warmup_step, **kw), run.mesh)
+    self._warmup = jit_step(functools.partial(ncr_step.warmup_step, **kw), run.mesh)
     self._co_train = {
-      unl: _jit(
+      unl: jit_step(
         functools.partial(
           ncr_step.co_train_step, **kw, kind=cfg.ncr.soft_margin, unlabelled=unl
         ),
@@ -200,7 +182,7 @@ class _Runner:
     )
     if restored is None:
       return
-    _check_resume(run, restored.data_state)
+    train_run.check_resume(restored.data_state, _data_state(run, self.position, -1))
     self.states = jax.device_put(restored.state, sharding.replicated(run.mesh))
     self.prob = np.asarray(restored.selection, np.float32)
     d = restored.data_state
@@ -339,8 +321,7 @@ class _Runner:
     return self._check(sums)
 
   def _compile_seconds(self) -> float:
-    steps = (self._warmup, *self._co_train.values())
-    return sum(getattr(fn, "compile_s", 0.0) for fn in steps)
+    return step.compile_seconds((self._warmup, *self._co_train.values()))
 
   def _check(self, sums) -> dict:
     s = {k: float(v) for k, v in jax.device_get(sums).items()}
@@ -365,42 +346,21 @@ class _Runner:
       f"loss {summary['loss']:.4f}"
     )
 
-  # -- evaluation --
-
-  def similarity(self, states, split, num_images):
-    run = self.run
-    total = None
-    for member in MEMBERS:
-      variables = {
-        "params": states[member].params,
-        "batch_stats": states[member].batch_stats,
-      }
-      sims, cap_to_img = retrieval.similarity_matrix(
-        run.model,
-        variables,
-        split,
-        self.config,
-        run.mesh,
-        run.data.caption_len,
-        num_images,
-      )
-      total = sims.astype(np.float64) if total is None else total + sims
-    return (total / len(MEMBERS)).astype(np.float32), cap_to_img
+  # -- the end of an epoch --
 
   def end_of_epoch(self, summary):
     run, cfg, pos = self.run, self.config, self.position
     epoch = pos.epoch
     warm = epoch < cfg.train.warmup_epochs
     start = time.perf_counter()
-    sims, cap_to_img = self.similarity(self.states, run.data.val, run.data.val_images)
-    val = retrieval.rank_metrics(sims, cap_to_img)
+    val = run.val.run(ensemble_variables(self.states))
     self.times["val"] += time.perf_counter() - start
     times = self.times
-    records = [
-      {
-        "step": pos.done,
-        "epoch": epoch + 1,
-        "split": "train",
+    train_run.finish_epoch(
+      run,
+      step=pos.done,
+      epoch=epoch + 1,
+      train={
         "warmup": warm,
         **summary,
         **({} if warm else self.division),
@@ -408,49 +368,25 @@ class _Runner:
         "time_compile_s": times["compile"],
         "time_passes_s": times["passes"],
       },
-      {
-        "step": pos.done,
-        "epoch": epoch + 1,
-        "split": "val",
-        **val,
-        "time_val_s": times["val"],
-      },
-    ]
-    for record in records:
-      run.report.write(record)
-    if run.report.is_main:
-      figures = plots.write_all(run.workdir)
-      tensorboard.log_epoch(run.events, records, None, figures)
-    self.times = dict.fromkeys(self.times, 0.0)
-    improved = val["rsum"] > self.record["best_rsum"]
-    self.record["epoch"] = epoch + 1
-    if improved:
-      self.record.update(best_rsum=val["rsum"], best_epoch=epoch + 1)
-      run.ckpt.save_best(pos.done, self.states, self.record)
-    run.report.log(
-      f"epoch {epoch + 1}: val rSum {val['rsum']:.1f}{' (best)' if improved else ''}"
+      val={**val, "time_val_s": times["val"]},
+      state=self.states,
+      record=self.record,
     )
+    self.times = dict.fromkeys(self.times, 0.0)
     self.position = Position(epoch + 1, 0, 0, pos.done)
     self.save()
-
-  def final_test(self):
-    run, cfg, data = self.run, self.config, self.run.data
-    best = run.ckpt.restore_best(self.states)
-    states = best.state if best is not None else self.states
-    sims, cap_to_img = self.similarity(states, data.test, data.test.n_images)
-    test = retrieval.rank_metrics(sims, cap_to_img, cfg.data.eval_protocol)
-    return train.report_test(run, test, self.record, self.position.done)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """NCR's counterpart of `train.train_and_evaluate`: same workdir, resume,
   SIGTERM and results."""
-  run = train._open_run(config, workdir)
-  run = dataclasses.replace(run, tx=ncr_step.make_optimizer(config.train))
-  stop = train._StopFlag()
+  run = train_run.open_run(
+    config, workdir, lambda spe: ncr_step.make_optimizer(config.train)
+  )
+  stop = train_run.StopFlag()
   stop.install()
   try:
-    runner = _Runner(run, stop)
+    runner = Runner(run, stop)
     runner.restore()
     tensorboard.log_config(run.events, config, runner.position.done)
     # An estimate: co-training passes are as long as the labelled sets.
@@ -461,13 +397,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if summary is None:
         break
       runner.end_of_epoch(summary)
-    train.exit_if_stopped(run, stop, runner.position.done)
-    return runner.final_test()
+    done = runner.position.done
+    train_run.exit_if_stopped(run, stop, done)
+    return train_run.final_test(
+      run, runner.states, runner.record, done, ensemble_variables
+    )
   finally:
-    train.close_run(run, stop)
+    train_run.close_run(run, stop)
 
 
-def _jit(fn, mesh):
+def jit_step(fn, mesh):
   """jit with the (state, sums) carry donated and every output replicated,
   compiled ahead of time with its compile time kept (`step.TimedJit`)."""
   return step.TimedJit(

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srem_jax import gmm
+from srem_jax.methods import gmm
 
 NAME = "ncr"
 SOFT_MARGINS = ("exponential", "linear", "sin")

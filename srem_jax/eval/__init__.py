@@ -1,0 +1,1 @@
+"""Retrieval evaluation: the evaluator, all-pairs scoring on the devices, recalls."""

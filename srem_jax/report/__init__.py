@@ -1,0 +1,1 @@
+"""What a run reports: records and progress lines, figures, TensorBoard, diagnostics."""
