@@ -68,10 +68,12 @@ def get_config() -> ml_collections.ConfigDict:
     "srem"  # srem | triplet_hardest | ccl | ncr (two models, srem_jax/ncr_train.py)
   )
   # SREM's reading of the paper (srem_jax/readings.py, docs/method.md); the six
-  # component fields below take its values when left at "".
-  c.loss.reading = "r7"  # r0 ... r7 (docs/method.md, Default reading)
+  # component fields below take its values when left at "", and
+  # warmup_triplet_weight when -1.
+  c.loss.reading = "r7"  # r0 ... r8 (docs/method.md, Default reading)
   # warm-up on every pair: ccl | triplet_mean | ccl+triplet_mean | ccl+anchor_triplet_mean
   c.loss.warmup = ""
+  c.loss.warmup_triplet_weight = -1.0  # the warm-up triplet's weight beside ccl; -1 = the reading's
   c.loss.selection = ""  # clean-sample filtration: batch | epoch_gmm
   c.loss.clean_loss = ""  # on selected pairs: triplet | ce (in-batch classification)
   c.loss.clean_negatives = ""  # clean triplet negatives: hardest | mean

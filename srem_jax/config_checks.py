@@ -211,6 +211,12 @@ def validate_loss(loss_cfg) -> None:
     if value not in allowed:
       shown = ", ".join(repr(a) if a == "" else a for a in allowed)
       raise UserError(f"loss.{field}: expected one of {shown}, got {value!r}")
+  _number(
+    loss_cfg,
+    readings.TRIPLET_WEIGHT,
+    lambda v: v >= 0 or v == -1,
+    "a number >= 0, or -1 for the reading's",
+  )
   resolved = readings.resolve(loss_cfg)
   if resolved["entropy_use"] == "margin" and resolved["clean_loss"] != "triplet":
     raise UserError(

@@ -77,13 +77,17 @@ def test_per_anchor_margins_match_reference(K):
   assert_close(same, ref_triplet(S, 0.2))
 
 
+@pytest.mark.parametrize("weight", [1.0, 0.1])
 @pytest.mark.parametrize("kind", losses.WARMUPS)
-def test_warmup_losses_match_reference(kind):
+def test_warmup_losses_match_reference(kind, weight):
   S = random_sims(8, seed=33)
-  loss, aux = losses.objective(jnp.asarray(S), warmup=True, warmup_loss_kind=kind)
+  loss, aux = losses.objective(
+    jnp.asarray(S), warmup=True, warmup_loss_kind=kind, warmup_triplet_weight=weight
+  )
   triplet = ref_triplet(S, 0.2, negatives="mean") if "triplet" in kind else 0.0
   if "anchor" in kind:
     triplet /= len(S)
+  triplet *= weight
   ccl = ref_complementary(S, TAU, 0.0, "cross_modal", 1e-6) if "ccl" in kind else 0.0
   assert_close(loss, triplet + ccl)
   assert_close(aux["loss_clean"], triplet)
@@ -154,7 +158,7 @@ def test_every_reading_is_a_valid_config_and_trains(reading):
   cfg.reading = reading
   config_checks.validate_loss(cfg)
   resolved = readings.resolve(cfg)
-  assert resolved == readings.READINGS[reading]
+  assert resolved == {readings.TRIPLET_WEIGHT: 1.0, **readings.READINGS[reading]}
   # One component overridden; the rest still come from the reading.
   cfg.clean_reduction = "sum" if resolved["clean_reduction"] == "mean" else "mean"
   changed = readings.resolve(cfg)
@@ -179,6 +183,21 @@ def test_bad_reading_config_names_the_field(field, value):
   cfg[field] = value
   with pytest.raises(UserError, match=rf"^loss\.{field}: expected one of"):
     config_checks.validate_loss(cfg)
+
+
+def test_triplet_weight_comes_from_the_reading_unless_set():
+  cfg = base.get_config().loss
+  cfg.reading = "r8"
+  assert readings.resolve(cfg)[readings.TRIPLET_WEIGHT] == 0.1
+  assert step.loss_options(cfg)["warmup_triplet_weight"] == 0.1
+  cfg.warmup_triplet_weight = 0.5
+  assert readings.resolve(cfg)[readings.TRIPLET_WEIGHT] == 0.5
+  cfg.warmup_triplet_weight = 0.0  # zero is a weight, not "the reading's"
+  assert readings.resolve(cfg)[readings.TRIPLET_WEIGHT] == 0.0
+  for bad in (-0.5, float("nan"), "0.1"):
+    given = {**cfg.to_dict(), "warmup_triplet_weight": bad}
+    with pytest.raises(UserError, match=r"^loss\.warmup_triplet_weight: expected"):
+      config_checks.validate_loss(given)
 
 
 def test_margin_entropy_needs_the_triplet():

@@ -236,14 +236,24 @@ def per_sample_stats(S, tau, temp=1.0, valid=None):
   return stats
 
 
-def warmup_loss(S, kind="ccl", *, tau=0.05, margin=0.2, bias="cross_modal", eps=1e-6):
+def warmup_loss(
+  S,
+  kind="ccl",
+  *,
+  tau=0.05,
+  margin=0.2,
+  bias="cross_modal",
+  eps=1e-6,
+  triplet_weight=1.0,
+):
   """SREM's warm-up objective on every pair (`WARMUPS`).
 
   "ccl" is RCL's complementary loss (CMBCL with β = 0); "triplet_mean" is
   NCR's warm-up, the mean-negative triplet summed over anchors; with
   "ccl+triplet_mean" both are added, and "ccl+anchor_triplet_mean" adds the
-  triplet averaged over anchors instead. Returns `(loss, parts)` with the
-  triplet part under "triplet" and the complementary part under "ccl".
+  triplet averaged over anchors instead. The triplet part is multiplied by
+  `triplet_weight`. Returns `(loss, parts)` with the (weighted) triplet part
+  under "triplet" and the complementary part under "ccl".
   """
   if kind not in WARMUPS:
     raise ValueError(f"warmup must be one of {WARMUPS}, got {kind!r}")
@@ -253,6 +263,7 @@ def warmup_loss(S, kind="ccl", *, tau=0.05, margin=0.2, bias="cross_modal", eps=
     triplet, _ = triplet_hardest(S, margin, negatives="mean")
     if kind.endswith("anchor_triplet_mean"):
       triplet = triplet / S.shape[0]
+    triplet = triplet * triplet_weight
   if "ccl" in kind:
     ccl, _ = complementary_loss(S, tau, 0.0, bias, eps)
   return triplet + ccl, {"triplet": triplet, "ccl": ccl}
@@ -324,6 +335,7 @@ def objective(
   cmbcl_weight=1.0,
   eps=1e-6,
   warmup_loss_kind="ccl",
+  warmup_triplet_weight=1.0,
   clean_loss="triplet",
   entropy_use="weight",
   clean_negatives="hardest",
@@ -396,7 +408,13 @@ def objective(
   elif name == "srem":  # SREM's warm-up
     mask, weight = every_pair, unit_weight
     loss, parts = warmup_loss(
-      S, warmup_loss_kind, tau=tau, margin=margin, bias=bias, eps=eps
+      S,
+      warmup_loss_kind,
+      tau=tau,
+      margin=margin,
+      bias=bias,
+      eps=eps,
+      triplet_weight=warmup_triplet_weight,
     )
     loss_clean, loss_cmbcl = parts["triplet"], parts["ccl"]
   else:  # "ccl"

@@ -13,7 +13,8 @@ The choices, each beside the sentence of the abstract it interprets:
   RCL's complementary loss (`ccl`), NCR's mean-negative triplet
   (`triplet_mean`), or both added, the triplet summed over anchors as NCR
   does (`ccl+triplet_mean`) or averaged over them
-  (`ccl+anchor_triplet_mean`).
+  (`ccl+anchor_triplet_mean`); `warmup_triplet_weight` scales the triplet
+  beside the complementary loss (1 unless a reading says otherwise).
 - `selection` — "clean samples are filtered by their high similarity and low
   energy uncertainty": a rule inside each batch (`batch`: the partner is
   the arg-max both ways and the energy is at or below a batch quantile,
@@ -31,6 +32,7 @@ The choices, each beside the sentence of the abstract it interprets:
 
     options = resolve(config.loss)   # every component concrete
     options["clean_loss"]            # "ce" under reading r1
+    options["warmup_triplet_weight"] # 0.1 under reading r8
 """
 
 from srem_jax.methods import losses
@@ -44,6 +46,8 @@ COMPONENTS = {
   "clean_reduction": losses.REDUCTIONS,
   "entropy_use": losses.ENTROPY_USES,
 }
+# A number a reading may fix; the config's value overrides it when >= 0.
+TRIPLET_WEIGHT = "warmup_triplet_weight"
 
 READINGS = {
   # The first reading: CMBCL's own special case as warm-up, the batch rule,
@@ -125,6 +129,20 @@ READINGS = {
     clean_reduction="sum",
     entropy_use="weight",
   ),
+  # r5's classification on the batch rule's pairs, after a warm-up led by
+  # the complementary loss: the anchor-averaged mean-negative triplet enters
+  # at a tenth of its weight, enough to leave the initial plateau, little
+  # enough that the complementary loss, robust to mismatched pairs, sets the
+  # direction once the model learns.
+  "r8": dict(
+    warmup="ccl+anchor_triplet_mean",
+    warmup_triplet_weight=0.1,
+    selection="batch",
+    clean_loss="ce",
+    clean_negatives="hardest",
+    clean_reduction="mean",
+    entropy_use="weight",
+  ),
 }
 
 
@@ -132,7 +150,10 @@ def resolve(loss_cfg) -> dict:
   """`loss_cfg.reading`'s components, each replaced by the config's own value
   where that is not "". Assumes `config_checks.validate_loss` passed."""
   reading = READINGS[loss_cfg["reading"]]
-  return {
+  resolved = {
     field: loss_cfg[field] if loss_cfg[field] != "" else reading[field]
     for field in COMPONENTS
   }
+  weight = loss_cfg[TRIPLET_WEIGHT]
+  resolved[TRIPLET_WEIGHT] = weight if weight >= 0 else reading.get(TRIPLET_WEIGHT, 1.0)
+  return resolved

@@ -190,6 +190,7 @@ def loss_options(loss_cfg) -> dict:
   return {
     **{k: loss_cfg[k] for k in keys},
     "warmup_loss_kind": components["warmup"],
+    "warmup_triplet_weight": components["warmup_triplet_weight"],
     "clean_loss": components["clean_loss"],
     "entropy_use": components["entropy_use"],
     "clean_negatives": components["clean_negatives"],
