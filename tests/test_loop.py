@@ -30,6 +30,7 @@ EPOCHS = 3  # 7 steps each: 21 steps
 
 def config_for(data_dir):
   config = tiny_config(data_dir, epochs=EPOCHS, log_every_steps=3)
+  config.loss.reading = "r7"  # the reading this comparison was written for
   config.loss.selection = "epoch_gmm"
   config.profile.start_step = 2
   config.profile.num_steps = 3
