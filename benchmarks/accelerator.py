@@ -52,17 +52,10 @@ matrix; about 75 s of CPU time, most of it compiling the three train steps):
 """
 
 import argparse
-import copy
 import dataclasses
-import importlib.util
-import json
-import math
-import os
 import platform
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -74,25 +67,14 @@ if str(ROOT) not in sys.path:
 import bench  # noqa: E402
 import bench_eval  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import measure  # noqa: E402
 import numpy as np  # noqa: E402
+from accelerator_reference import part_agreement, part_reference, reference_device  # noqa: E402
+from accelerator_report import TARGETS, write  # noqa: E402
 
 from srem_jax import execution  # noqa: E402
 from srem_jax.models.dims import PAPER_DIMS, TINY_DIMS  # noqa: E402
 from srem_jax.models.sgraf import SGRAF  # noqa: E402
-from srem_jax.models.torch_import import load_torch_checkpoint  # noqa: E402
-
-REFERENCE_SCRIPT = ROOT / "benchmarks" / "torch_reference.py"
-
-# The issue's targets for one H200, each (comparison, bound).
-TARGETS = {
-  "train_step_ms": ("<=", 40.0),
-  "f30k_s": ("<=", 3.0),
-  "coco_s": ("<=", 30.0),
-  "speedup": (">=", 10.0),
-  "score_rel_err": ("<=", 1e-4),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,181 +262,6 @@ def part_encoders(sizes, model_kw):
   }
 
 
-# ---- the reference ----------------------------------------------------------------
-
-
-def _load_reference():
-  # benchmarks/ is a folder of scripts, not a package: load the file itself.
-  spec = importlib.util.spec_from_file_location("torch_reference", REFERENCE_SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def reference_device(smoke: bool) -> str:
-  if smoke:
-    return "cpu"
-  try:
-    import torch
-  except ImportError:
-    return "cpu"
-  return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def part_reference(mode, sizes, device, timeout_s, smoke):
-  """`torch_reference.py` in its own process: it frees its GPU memory on exit,
-  and JAX in it stays on the CPU (JAX_PLATFORMS=cpu), so it holds none."""
-  command = [
-    sys.executable,
-    str(REFERENCE_SCRIPT),
-    mode,
-    "--head=sgr",
-    f"--caption_len={sizes.caption_len}",
-    f"--device={device}",
-  ]
-  if mode == "train_step":
-    command += [f"--batch={sizes.batch}", f"--steps={sizes.train_steps}"]
-  else:
-    n_img, n_cap = sizes.ref_eval
-    command += [f"--n_img={n_img}", f"--n_cap={n_cap}", f"--steps={sizes.eval_steps}"]
-  if smoke:
-    command += ["--tiny", "--threads=1"]
-  paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(":") if p]
-  env = dict(os.environ, PYTHONPATH=":".join(paths), JAX_PLATFORMS="cpu")
-  done = subprocess.run(
-    command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
-  )
-  if done.returncode:
-    raise RuntimeError(
-      f"{' '.join(command[1:])} exited {done.returncode}:\n{done.stderr[-3000:]}"
-    )
-  result = json.loads(done.stdout.strip().splitlines()[-1])
-  result["command"] = " ".join(["python"] + command[1:])
-  return result
-
-
-def _reference_model(torch_reference, dims, seed=0):
-  """The reference at its own init, with biases, BatchNorm affines and running
-  statistics moved off their init values (weight matrices untouched, so the
-  activations stay in the ranges a trained model sees): a misplaced bias or
-  statistic then changes the scores."""
-  import torch
-
-  torch.manual_seed(seed)
-  model = torch_reference.ReferenceSGRAF("sgr", **dims)
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, tensor in model.state_dict().items():
-      if not tensor.is_floating_point() or tensor.ndim > 1:
-        continue
-      noise = torch.rand(tensor.shape, generator=gen)
-      if name.endswith("running_var"):
-        tensor.copy_(0.5 + noise)
-      else:
-        tensor.add_(0.2 * (noise - 0.5))
-  return model.eval()
-
-
-def _save_ncr_checkpoint(model, dims, path):
-  """The three parts' state dicts and the `opt` NCR saves, as NCR saves them."""
-  import torch
-
-  opt = argparse.Namespace(
-    module_name="SGR",
-    img_dim=dims["img_dim"],
-    embed_size=dims["embed_dim"],
-    word_dim=dims["word_dim"],
-    sim_dim=dims["sim_dim"],
-    sgr_step=dims["sgr_steps"],
-    num_layers=1,
-    bi_gru=True,
-    no_imgnorm=False,
-    no_txtnorm=False,
-  )
-  parts = [model.img_enc, model.txt_enc, model.sim_enc]
-  torch.save({"model": [p.float().state_dict() for p in parts], "opt": opt}, path)
-
-
-def _max_rel(ours, ref) -> float:
-  return float(np.max(np.abs(ours - ref) / np.abs(ref)))
-
-
-def part_agreement(sizes, model_kw, device):
-  """Our scores against the reference's on the same raw images and captions."""
-  import torch
-
-  torch_reference = _load_reference()
-  dims, length = sizes.dims, sizes.caption_len
-  n_img, n_cap = sizes.agree
-  rng = np.random.default_rng(1)
-  images = rng.standard_normal((n_img, dims["num_regions"], dims["img_dim"]))
-  images = images.astype(np.float32)
-  lengths = rng.integers(max(1, length // 2), length + 1, size=n_cap)
-  lengths[0] = length
-  tokens = rng.integers(4, dims["vocab_size"], size=(n_cap, length))
-  tokens[np.arange(length)[None] >= lengths[:, None]] = 0
-
-  model = _reference_model(torch_reference, dims)
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "reference_sgr.pth.tar")
-    _save_ncr_checkpoint(model, dims, path)
-    [(overrides, variables)] = load_torch_checkpoint(path, "A")
-
-  def reference(net, dtype, where):
-    with torch.no_grad():
-      sims = net.to(dtype=dtype, device=where)(
-        torch.from_numpy(images).to(dtype=dtype, device=where),
-        torch.from_numpy(tokens).to(where),
-        torch.from_numpy(lengths),  # pack_padded_sequence wants host lengths
-      )
-    return sims.cpu().double().numpy()
-
-  ref64 = reference(copy.deepcopy(model), torch.float64, "cpu")
-  flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-  torch.backends.cuda.matmul.allow_tf32 = False
-  torch.backends.cudnn.allow_tf32 = False
-  try:
-    ref32 = reference(model, torch.float32, device)
-  finally:
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-  ours = {}
-  variants = {
-    "float32_highest": dict(precision="highest"),
-    "float32_default": dict(precision="default"),
-    "bfloat16_highest": dict(precision="highest", dtype=jnp.bfloat16),
-  }
-  for name, change in variants.items():
-    net = SGRAF(**overrides, **dict(model_kw, **change))
-    score = jax.jit(lambda v, i, t, n, net=net: net.apply(v, i, t, n, train=False))
-    ours[name] = np.asarray(score(variables, images, tokens, lengths), np.float64)
-  errors = {f"{name}_vs_ref32": _max_rel(x, ref32) for name, x in ours.items()}
-  errors |= {f"{name}_vs_ref64": _max_rel(x, ref64) for name, x in ours.items()}
-  errors["ref32_vs_ref64"] = _max_rel(ref32, ref64)
-  # An untrained model's scores sit close together; the error against their
-  # spread says whether it could reorder a ranking.
-  spread = float(ref32.max() - ref32.min())
-  over_spread = {
-    f"{name}_vs_ref32": float(np.max(np.abs(x - ref32))) / spread
-    for name, x in ours.items()
-  }
-  return {
-    "bench": "agreement",
-    "max_rel_err": errors,
-    "max_abs_err_over_spread": over_spread,
-    "reference": f"float32 on {device}, TF32 off; float64 on cpu",
-    "ours_device": measure.device_kind(),
-    "ref_scores": {
-      "min": float(ref32.min()),
-      "max": float(ref32.max()),
-      "std": float(ref32.std()),
-      "spread": spread,
-    },
-    "shapes": {"n_img": n_img, "n_cap": n_cap, "caption_len": length, **dims},
-    "model_kw": {k: v for k, v in model_kw.items() if k != "precision"},
-  }
-
-
 # ---- the run ------------------------------------------------------------------------
 
 PARTS = (
@@ -492,224 +299,6 @@ def _part_functions(sizes, model_kw, tiles, ref_device, smoke, deadline):
       sizes, model_kw, "float32", precision="default"
     ),
   }
-
-
-def _ok(parts, name):
-  part = parts.get(name) or {}
-  return part.get("result") if part.get("status") == "ok" else None
-
-
-def summarise(parts) -> dict:
-  """The figures the targets speak of, from the parts that ran."""
-  out = {}
-  get = lambda name: _ok(parts, name)
-  for dtype in ("float32", "bfloat16", "float32_tf32"):
-    if r := get(f"train_step_{dtype}"):
-      out[f"train_step_{dtype}_ms"] = 1e3 * r["step_s"]
-  if r := get("f30k_scoring"):
-    out["f30k_scoring_s"] = r["full_matrix_s"]
-    if e := get("f30k_encoders"):
-      out["f30k_encoders_s"] = e["pass_s"]
-      out["f30k_end_to_end_s"] = r["full_matrix_s"] + e["pass_s"]
-  if r := get("coco_scoring"):
-    out["coco_full_matrix_s"] = r["full_matrix_s"]
-    out["coco_extrapolated"] = r["extrapolated"]
-  if ref := get("reference_train_step"):
-    out["reference_train_step_ms"] = 1e3 * statistics.median(ref["times_s"])
-    for dtype in ("float32", "bfloat16"):
-      if r := get(f"train_step_{dtype}"):
-        out[f"speedup_train_{dtype}"] = out["reference_train_step_ms"] / (
-          1e3 * r["step_s"]
-        )
-  if (ref := get("reference_scoring")) and (r := get("f30k_scoring")):
-    out["reference_scoring_pairs_per_s"] = ref["pairs_per_s"]
-    out["speedup_scoring"] = r["pairs_per_s"] / ref["pairs_per_s"]
-  if r := get("agreement"):
-    out["score_rel_err_highest"] = r["max_rel_err"]["float32_highest_vs_ref32"]
-    out["score_rel_err_default"] = r["max_rel_err"]["float32_default_vs_ref32"]
-  memory = [p["memory"] for p in parts.values() if p.get("memory")]
-  peaks = [m["peak_bytes_in_use"] for m in memory if "peak_bytes_in_use" in m]
-  out["peak_device_bytes"] = max(peaks) if peaks else None
-  out["device_bytes_limit"] = max((m.get("bytes_limit", 0) for m in memory), default=0)
-  return out
-
-
-def _target(key) -> str:
-  op, bound = TARGETS[key]
-  unit = {"train_step_ms": " ms", "f30k_s": " s", "coco_s": " s", "speedup": "x"}
-  return f"{'≤' if op == '<=' else '≥'} {bound:g}{unit.get(key, '')}"
-
-
-def _meets(key, value, smoke, timing=True) -> str:
-  if value is None:
-    return "-"
-  if smoke and timing:
-    return "n/a (smoke)"
-  op, bound = TARGETS[key]
-  return "yes" if (value <= bound if op == "<=" else value >= bound) else "NO"
-
-
-def _one_line(error: str) -> str:
-  """An error's first and last lines (a subprocess's ends with its exception)."""
-  lines = [x.strip() for x in error.strip().splitlines() if x.strip()] or [""]
-  text = lines[0] if len(lines) == 1 else f"{lines[0][:80]} ... {lines[-1]}"
-  return text[:200].replace("|", "/")
-
-
-def markdown(results) -> str:
-  """One table row per figure; a part that failed or was skipped says so."""
-  parts, s, meta = results["parts"], results["summary"], results["meta"]
-  smoke, sizes = meta["smoke"], meta["sizes"]
-  rows = []
-
-  def row(what, needs, text, key=None, value=None, timing=True):
-    """`text(results of needs...)` if every part in `needs` ran, else why not."""
-    for name in needs:
-      part = parts.get(name)
-      if not part or part["status"] != "ok":
-        why = "not run" if not part else f"{part['status']}: {_one_line(part['error'])}"
-        rows.append((what, f"{name} {why}", _target(key) if key else "-", "-"))
-        return
-    result = text(*(parts[n]["result"] for n in needs))
-    meets = _meets(key, value, smoke, timing) if key else "-"
-    rows.append((what, result, _target(key) if key else "-", meets))
-
-  batch, length = sizes["batch"], sizes["caption_len"]
-  labels = {"float32": "fp32", "bfloat16": "bf16",
-            "float32_tf32": "fp32 at matmul precision default (TF32)"}  # fmt: skip
-  for dtype, label in labels.items():
-    row(
-      f"Train step SGR {label}, batch {batch}, L {length}",
-      [f"train_step_{dtype}"],
-      lambda r: f"{1e3 * r['step_s']:.1f} ms ({r['pairs_per_s']:,.0f} pairs/s)",
-      "train_step_ms",
-      s.get(f"train_step_{dtype}_ms"),
-    )
-  n_img, n_cap = sizes["f30k"]
-  row(
-    f"F30K {n_img:,} x {n_cap:,} SGR scoring (encoders excluded)",
-    ["f30k_scoring"],
-    lambda r: f"{r['full_matrix_s']:.3g} s ({r['pairs_per_s']:,.0f} pairs/s)",
-  )
-  row(
-    f"F30K encoders ({n_img:,} images + {n_cap:,} captions, host to host)",
-    ["f30k_encoders"],
-    lambda r: f"{r['pass_s']:.3g} s",
-  )
-  row(
-    "F30K end to end (encoders + scoring)",
-    ["f30k_scoring", "f30k_encoders"],
-    lambda a, b: f"{a['full_matrix_s'] + b['pass_s']:.3g} s",
-    "f30k_s",
-    s.get("f30k_end_to_end_s"),
-  )
-  n_img, n_cap = sizes["coco"]
-  row(
-    f"COCO {n_img:,} x {n_cap:,} SGR scoring",
-    ["coco_scoring"],
-    lambda r: (
-      f"{r['full_matrix_s']:.3g} s"
-      + (
-        f" (extrapolated from {r['tiles_timed']} of {r['total_tiles']} tiles,"
-        f" {r['pass_s']:.3g} s)"
-        if r["extrapolated"]
-        else " (whole matrix)"
-      )
-    ),
-    "coco_s",
-    s.get("coco_full_matrix_s"),
-  )
-  row(
-    "Reference (PyTorch) train step fp32",
-    ["reference_train_step"],
-    lambda r: f"{s['reference_train_step_ms']:.1f} ms on {r['device']}",
-  )
-  for dtype in ("float32", "bfloat16"):
-    row(
-      f"Speed-up, train step {labels[dtype]} over the reference's fp32",
-      ["reference_train_step", f"train_step_{dtype}"],
-      lambda *_, dtype=dtype: f"{s[f'speedup_train_{dtype}']:.1f}x",
-      "speedup",
-      s.get(f"speedup_train_{dtype}"),
-    )
-  row(
-    "Reference (PyTorch) scoring, 100 x 100 shards",
-    ["reference_scoring"],
-    lambda r: (
-      f"{r['pairs_per_s']:,.0f} pairs/s on {r['device']} "
-      f"({r['shapes']['n_img']} x {r['shapes']['n_cap']})"
-    ),
-  )
-  row(
-    "Speed-up, F30K scoring over the reference (pairs/s)",
-    ["reference_scoring", "f30k_scoring"],
-    lambda *_: f"{s['speedup_scoring']:.1f}x",
-    "speedup",
-    s.get("speedup_scoring"),
-  )
-  for precision, label in (("highest", "highest (the default)"),
-                           ("default", "default (TF32): its cost")):  # fmt: skip
-    row(
-      f"Scores, max rel. error vs reference fp32, ours fp32 at precision {label}",
-      ["agreement"],
-      lambda r, p=precision: (
-        f"{r['max_rel_err'][f'float32_{p}_vs_ref32']:.1e} "
-        f"(vs float64: ours {r['max_rel_err'][f'float32_{p}_vs_ref64']:.1e}, "
-        f"reference fp32 {r['max_rel_err']['ref32_vs_ref64']:.1e}; max abs. error "
-        f"/ score spread {r['max_abs_err_over_spread'][f'float32_{p}_vs_ref32']:.1e})"
-      ),
-      "score_rel_err",
-      s.get(f"score_rel_err_{precision}"),
-      timing=False,
-    )
-  row(
-    "Scores, max rel. error vs reference fp32, ours bf16 (for information)",
-    ["agreement"],
-    lambda r: (
-      f"{r['max_rel_err']['bfloat16_highest_vs_ref32']:.1e} (max abs. error "
-      f"/ score spread {r['max_abs_err_over_spread']['bfloat16_highest_vs_ref32']:.1e})"
-    ),
-  )
-  peak, limit = s.get("peak_device_bytes"), s.get("device_bytes_limit")
-  rows.append((
-    "Peak device memory (JAX allocator, whole run)",
-    f"{peak / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB" if peak else "not reported",
-    "-",
-    "-",
-  ))  # fmt: skip
-  scope = "SMOKE: tiny sizes on the CPU; the targets are for paper sizes on an H200" \
-    if smoke else "paper dims"  # fmt: skip
-  lines = [
-    f"Device {meta['device_kind']}; jax {meta['jax']}; torch {meta['torch']}; {scope}.",
-    f"Execution: {meta['plan']}.",
-    f"Wall time {meta.get('wall_s', 0):.0f} s.",
-    "",
-    "| What | Result | Target (H200) | Meets |",
-    "|---|---|---|---|",
-  ]
-  lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-  return "\n".join(lines) + "\n"
-
-
-def _finite(x):
-  if isinstance(x, float) and not math.isfinite(x):
-    return repr(x)  # JSON has no NaN/inf; keep it visible as text
-  if isinstance(x, dict):
-    return {k: _finite(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_finite(v) for v in x]
-  return x
-
-
-def _write(results, out_dir: Path):
-  results["summary"] = summarise(results["parts"])
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "results.json").write_text(
-    json.dumps(_finite(results), indent=1, default=str) + "\n"
-  )
-  table = markdown(results)
-  (out_dir / "results.md").write_text(table)
-  return table
 
 
 def _parse(argv):
@@ -821,9 +410,9 @@ def main(argv=None) -> dict:
           + (f" {entry['error'][:200]}" if entry["status"] != "ok" else ""),
           flush=True)  # fmt: skip
     results["meta"]["wall_s"] = time.perf_counter() - start
-    _write(results, out_dir)
+    write(results, out_dir)
   results["meta"]["wall_s"] = time.perf_counter() - start
-  table = _write(results, out_dir)
+  table = write(results, out_dir)
   print(table)
   print(f"[accelerator] wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
   return results

@@ -65,9 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- objective (docs/method.md §Objective) -------------------------------
   c.loss = ml_collections.ConfigDict()
   c.loss.name = (
-    "srem"  # srem | triplet_hardest | ccl | ncr (two models, srem_jax/ncr_train.py)
+    "srem"  # srem | triplet_hardest | ccl | ncr (two models, srem_jax/train/co_training.py)
   )
-  # SREM's reading of the paper (srem_jax/readings.py, docs/method.md); the six
+  # SREM's reading of the paper (srem_jax/methods/readings.py, docs/method.md); the six
   # component fields below take its values when left at "", and
   # warmup_triplet_weight when -1.
   c.loss.reading = "r8"  # r0 ... r8 (docs/method.md, Default reading)
