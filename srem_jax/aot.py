@@ -2,14 +2,15 @@
 
 Owns `python -m srem_jax.aot`: for a config and a target (`srem_jax.compile.targets`:
 h100, h200, v5e-1, v5e-8, v4-8) it builds, over a mesh of the target's chips
-and with the execution sizes a run there would resolve, the programs of that
-run -- the train step of each phase, the encoders, the evaluation scorer
-tile, the selection pass when the method selects per epoch, NCR's steps and
-division pass for NCR -- from the same functions the loops jit. Each is
-compiled by XLA for the target; a row per program says whether it compiled,
-in how many seconds, its argument / output / temporary bytes per chip and
-their share of what a run may allocate there, whether it fits, and where XLA
-reports a cost (TPU) its FLOPs, bytes accessed and a roofline time.
+and with the execution sizes and XLA compiler options a run there would
+resolve, the programs of that run -- the train step of each phase, the
+encoders, the evaluation scorer tile, the selection pass when the method
+selects per epoch, NCR's steps and division pass for NCR -- from the same
+functions the loops jit. Each is compiled by XLA for the target; a row per
+program says whether it compiled, in how many seconds, its argument / output
+/ temporary bytes per chip and their share of what a run may allocate there,
+whether it fits, and where XLA reports a cost (TPU) its FLOPs, bytes
+accessed and a roofline time.
 
     python -m srem_jax.aot --config=configs/flickr.py --target=v5e-8 --json=rows.json
 
@@ -289,12 +290,15 @@ def _first_line(error: Exception) -> str:
   return text.splitlines()[0][:300]
 
 
-def compile_program(program: Program, target: targets.Target, dtype, precision):
-  """(row, compiled executable or None) of one program compiled for `target`."""
+def compile_program(
+  program: Program, target: targets.Target, dtype, precision, options=None
+):
+  """(row, compiled executable or None) of one program compiled for `target`
+  with the execution plan's compiler `options` (`Execution.compiler_options`)."""
   row = {"program": program.name, "target": target.name, "compiled": False}
   start = time.perf_counter()
   try:
-    compiled = program.fn.lower(*program.args).compile()
+    compiled = program.fn.lower(*program.args).compile(compiler_options=options)
   except Exception as error:  # an out-of-memory or unsupported op: reported
     row.update(compile_s=time.perf_counter() - start, error=_first_line(error))
     row.update(argument_bytes=None, output_bytes=None, temp_bytes=None, fits=False)
@@ -371,7 +375,9 @@ def run(
   for program in RunPrograms(config, mesh, plan, shapes).all():
     if only not in program.name:
       continue
-    row, compiled = compile_program(program, target, dtype, precision)
+    row, compiled = compile_program(
+      program, target, dtype, precision, plan.compiler_options()
+    )
     rows.append(row)
     if hlo_dir and compiled is not None:
       os.makedirs(hlo_dir, exist_ok=True)

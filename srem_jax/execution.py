@@ -1,7 +1,8 @@
 """How the model's computation is laid out on the hardware, apart from the model.
 
 Owns the execution presets (`PRESETS`: scan chunk sizes, rematerialisation,
-all-pairs evaluation tiles for CPUs, H200-class GPUs and 16-32 GB TPU chips),
+all-pairs evaluation tiles and XLA's compile effort for CPUs, H200-class GPUs
+and 16-32 GB TPU chips),
 the matmul precisions (`PRECISIONS`) and `resolve`, which turns
 `config.execution` into concrete sizes for the device at hand: with
 `preset="auto"` the backend picks the preset, and a device that reports less
@@ -31,6 +32,9 @@ class Preset:
   cap_tile: int  # captions per all-pairs evaluation tile
   sized_for_bytes: float  # device memory the sizes above were chosen for
   why: str
+  # XLA's exec_time_optimization_effort for the programs of a run, in
+  # [-1, 1]; 0 is XLA's default (`compiler_options`).
+  compile_effort: float = 0.0
 
 
 GIB = 1024**3
@@ -71,6 +75,15 @@ PRESETS = {
     cap_tile=512,
     sized_for_bytes=15 * GIB,
     why="sized for a 16 GB TPU chip (v5e); fits 32 GB chips too",
+    # A TPU train step's compile time goes to the backend generating and
+    # scheduling machine code, most of it for the head's many small float32
+    # products (3 SGR steps of 6-pass products; forward, recomputed forward
+    # and backward; once per caption-length branch). At effort -1 it emits
+    # about half as much and compiles the head ~5x faster. The optimised HLO
+    # is the same program (the same fusions and products, other memory
+    # placement), so results do not change; the effect on the step's run
+    # time is not measured on a TPU (benchmarks/RESULTS.md).
+    compile_effort=-1.0,
   ),
 }
 PRESET_NAMES = ("auto", *PRESETS)
@@ -88,6 +101,14 @@ class Execution(NamedTuple):
   matmul_precision: str
   length_group: int  # 0: every caption scored at its batch's padded length
   reason: str
+  compile_effort: float = 0.0  # XLA's exec_time_optimization_effort
+
+  def compiler_options(self) -> dict[str, float] | None:
+    """Options for `jax.jit(..., compiler_options=)` or `Lowered.compile`:
+    the preset's compile effort where it is not XLA's default, else None."""
+    if not self.compile_effort:
+      return None
+    return {"exec_time_optimization_effort": self.compile_effort}
 
   def model_kwargs(self) -> dict[str, Any]:
     """The SGRAF fields these sizes set."""
@@ -164,9 +185,12 @@ def resolve(exec_cfg=None, device=None) -> Execution:
     f"length groups {sizes['length_group'] or 'off'}, eval tiles "
     f"{sizes['img_tile']}x{sizes['cap_tile']}, matmul precision {precision}"
   )
+  if preset.compile_effort:
+    reason += f", XLA compile effort {preset.compile_effort:g}"
   return Execution(
-    preset=name, remat=remat, matmul_precision=precision, reason=reason, **sizes
-  )
+    preset=name, remat=remat, matmul_precision=precision, reason=reason,
+    compile_effort=preset.compile_effort, **sizes,
+  )  # fmt: skip
 
 
 def _accelerator_on_machine() -> str | None:

@@ -13,6 +13,9 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from scripts import load_benchmark
 
@@ -211,3 +214,42 @@ def test_v5e_8_train_step_loops_hold_only_the_collectives_the_math_needs(tmp_pat
   assert loops  # the head's scan and the text GRU
   # SGR's scans run per chip under shard_map: gradients are summed once, after.
   assert [loop["sources"] for loop in loops if loop["collectives"]] == []
+
+
+def test_the_tpu_preset_lowers_xla_s_compile_effort_and_no_other_does():
+  plan = lambda name: execution.resolve(
+    demo.get_config().execution, device=aot._TargetDevice(targets.TARGETS[name])
+  )
+  assert plan("v5e-8").compiler_options() == {"exec_time_optimization_effort": -1.0}
+  assert "compile effort -1" in plan("v5e-1").reason
+  assert plan("h200").compiler_options() is None
+  assert execution.resolve(None, device=jax.devices("cpu")[0]).compiler_options() is None
+
+
+def test_the_compile_effort_leaves_scores_and_gradients_bitwise_unchanged():
+  """The option reaches XLA and changes no number of a train-mode SGR step's
+  loss and gradients (image chunks, length groups) on the CPU; for TPU the
+  optimised HLO holds the same products either way (benchmarks/RESULTS.md)."""
+  from srem_jax.models.sgraf import SGRAF
+
+  rng = np.random.default_rng(0)
+  model = SGRAF(vocab_size=50, img_dim=12, embed_dim=16, word_dim=8, sim_dim=8,
+                dropout=0.0, img_chunk=2, length_group=4)  # fmt: skip
+  lengths = np.array([3, 20, 5, 9, 2, 13])  # buckets 8, 12, 16, 20
+  tokens = rng.integers(4, 50, size=(6, 20))
+  tokens = np.where(np.arange(20)[None] < lengths[:, None], tokens, 0)
+  images = rng.normal(size=(5, 6, 12)).astype(np.float32)
+  variables = model.init(jax.random.PRNGKey(0), images, tokens, lengths, train=False)
+
+  def loss(params):
+    scores, _ = model.apply(
+      {**variables, "params": params}, images, tokens, lengths, train=True,
+      mutable=["batch_stats"],
+    )  # fmt: skip
+    return jnp.sum(scores * jnp.arange(scores.size).reshape(scores.shape))
+
+  fn = jax.jit(jax.value_and_grad(loss))
+  options = {"exec_time_optimization_effort": -1.0}
+  plain = fn.lower(variables["params"]).compile()(variables["params"])
+  tuned = fn.lower(variables["params"]).compile(compiler_options=options)
+  jax.tree.map(np.testing.assert_array_equal, tuned(variables["params"]), plain)
