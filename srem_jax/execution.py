@@ -32,8 +32,10 @@ class Preset:
   cap_tile: int  # captions per all-pairs evaluation tile
   sized_for_bytes: float  # device memory the sizes above were chosen for
   why: str
-  # XLA's exec_time_optimization_effort for the programs of a run, in
-  # [-1, 1]; 0 is XLA's default (`compiler_options`).
+  # XLA's exec_time_optimization_effort, in [-1, 1]; 0 is XLA's default
+  # (`compiler_options`). `python -m srem_jax.aot` compiles with it; the
+  # training and evaluation jits do not pass it yet, so a run there takes it
+  # from JAX_EXEC_TIME_OPTIMIZATION_EFFORT.
   compile_effort: float = 0.0
 
 
