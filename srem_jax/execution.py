@@ -107,7 +107,9 @@ class Execution(NamedTuple):
 
   def compiler_options(self) -> dict[str, float] | None:
     """Options for `jax.jit(..., compiler_options=)` or `Lowered.compile`:
-    the preset's compile effort where it is not XLA's default, else None."""
+    the preset's compile effort where it is not XLA's default, else None.
+    jax refuses a jit with options when it is traced inside another jit or
+    `make_jaxpr`; `eval_shape` of the jit itself is fine."""
     if not self.compile_effort:
       return None
     return {"exec_time_optimization_effort": self.compile_effort}
@@ -121,6 +123,11 @@ class Execution(NamedTuple):
       precision=self.matmul_precision,
       length_group=self.length_group,
     )
+
+
+def compiler_options(plan: Execution | None) -> dict[str, float] | None:
+  """`plan.compiler_options()`; None, XLA's defaults, without a plan."""
+  return None if plan is None else plan.compiler_options()
 
 
 def platform_preset(platform: str) -> str:

@@ -118,7 +118,7 @@ def test_loop_equals_the_step_by_step_loop_under_a_transfer_guard(
 
     return stepped
 
-  def selection_pass(config, model, state, data, mesh, features):
+  def selection_pass(config, model, state, data, mesh, features, plan):
     return fixed_selection(
       data.train.n_captions, int(jax.device_get(state.step)) // 7 - 1
     )

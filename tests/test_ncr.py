@@ -259,8 +259,8 @@ def test_ncr_sigterm_in_co_training_resumes_exactly(
   real_jit = co_training.jit_step
   made = []
 
-  def counting_jit(fn, mesh):
-    jitted = real_jit(fn, mesh)
+  def counting_jit(fn, mesh, plan=None):
+    jitted = real_jit(fn, mesh, plan)
     index = len(made)
     made.append(0)
 

@@ -36,7 +36,7 @@ import time
 import jax
 import numpy as np
 
-from srem_jax import sharding
+from srem_jax import execution, sharding
 from srem_jax.data import pipeline
 from srem_jax.methods import ncr
 from srem_jax.report import diagnostics, tensorboard
@@ -78,6 +78,7 @@ def divide(run, states) -> np.ndarray:
       run.mesh,
       statistic=statistic,
       features=run.features,
+      plan=run.plan,
     )["loss"]
     probs.append(
       ncr.clean_probability(
@@ -120,6 +121,7 @@ def _init_states(run):
     img_dim=data.train.feature_dim,
     caption_len=data.caption_len,
     mesh=run.mesh,
+    plan=run.plan,
   )
   seed = run.config.train.seed
   # Two models of one run start from different parameters, as NCR's do.
@@ -158,13 +160,16 @@ class Runner:
     self.record = train_run.new_record(cfg, method=ncr.NAME)
     self.division = {}
     kw = dict(model=run.model, tx=run.tx, mesh=run.mesh, margin=float(cfg.loss.margin))
-    self._warmup = jit_step(functools.partial(ncr_step.warmup_step, **kw), run.mesh)
+    self._warmup = jit_step(
+      functools.partial(ncr_step.warmup_step, **kw), run.mesh, run.plan
+    )
     self._co_train = {
       unl: jit_step(
         functools.partial(
           ncr_step.co_train_step, **kw, kind=cfg.ncr.soft_margin, unlabelled=unl
         ),
         run.mesh,
+        run.plan,
       )
       for unl in (False, True)
     }
@@ -406,9 +411,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_run.close_run(run, stop)
 
 
-def jit_step(fn, mesh):
+def jit_step(fn, mesh, plan=None):
   """jit with the (state, sums) carry donated and every output replicated,
-  compiled ahead of time with its compile time kept (`step.TimedJit`)."""
+  compiled ahead of time with the execution `plan`'s compiler options and
+  its compile time kept (`step.TimedJit`)."""
   return step.TimedJit(
-    jax.jit(fn, out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
+    jax.jit(
+      fn,
+      out_shardings=sharding.replicated(mesh),
+      donate_argnums=(0,),
+      compiler_options=execution.compiler_options(plan),
+    )
   )

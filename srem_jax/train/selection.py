@@ -23,7 +23,7 @@ import threading
 import jax
 import numpy as np
 
-from srem_jax import sharding
+from srem_jax import execution, sharding
 from srem_jax.data import pipeline, resident
 from srem_jax.methods import gmm, losses
 from srem_jax.report.reporting import PassProgress
@@ -91,9 +91,10 @@ class SremStatistics:
 
 
 @functools.lru_cache(maxsize=8)
-def statistics_function(model, statistic, mesh, on_device: bool):
+def statistics_function(model, statistic, mesh, on_device: bool, plan=None):
   """Jitted per-sample statistics of one batch, built once per model and
-  statistic (a hashable `(scores, valid) -> {name: (K,) array}`)."""
+  statistic (a hashable `(scores, valid) -> {name: (K,) array}`), compiled
+  with the execution `plan`'s compiler options (None: XLA's)."""
 
   def stats(v, batch, *features):
     images = (
@@ -104,7 +105,7 @@ def statistics_function(model, statistic, mesh, on_device: bool):
     scores = model.apply(v, images, batch["tokens"], batch["lengths"], train=False)
     return statistic(scores, batch["mask"])
 
-  return jax.jit(stats)
+  return jax.jit(stats, compiler_options=execution.compiler_options(plan))
 
 
 def pair_statistics(
@@ -118,6 +119,7 @@ def pair_statistics(
   temp=None,
   features=None,
   statistic=None,
+  plan=None,
 ) -> dict[str, np.ndarray]:
   """Per-caption in-batch cross-entropy, energy and swapped entropy over the
   training set, as {"ce", "energy", "entropy"} arrays indexed by caption;
@@ -126,14 +128,15 @@ def pair_statistics(
 
   Batches follow a seeded order of the whole (noisy) training set; the last
   one is padded and its padding masked out of every softmax. `features`
-  (`resident.resident_features`) replaces the images of the host batches.
+  (`resident.resident_features`) replaces the images of the host batches;
+  the pass compiles with the execution `plan`'s compiler options.
   """
   devices = mesh.devices.size
   batch_size = _round_up(config.train.batch_size, devices)
   n = data.train.n_captions
   on_device = features is not None
   statistic = statistic or SremStatistics(tau, temp)
-  stats = statistics_function(model, statistic, mesh, on_device)
+  stats = statistics_function(model, statistic, mesh, on_device, plan)
   progress = PassProgress(
     "selection statistics",
     _round_up(n, batch_size) // batch_size,
@@ -169,8 +172,11 @@ def pair_statistics(
   return out
 
 
-def gmm_selection(config, model, state, data, mesh, features=None) -> np.ndarray:
-  """Epoch-level clean mask per caption from a statistics pass."""
+def gmm_selection(
+  config, model, state, data, mesh, features=None, *, plan=None
+) -> np.ndarray:
+  """Epoch-level clean mask per caption from a statistics pass (compiled
+  with the execution `plan`'s compiler options)."""
   loss_cfg = config.loss
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   stats = pair_statistics(
@@ -182,6 +188,7 @@ def gmm_selection(config, model, state, data, mesh, features=None) -> np.ndarray
     tau=loss_cfg.tau,
     temp=loss_cfg.energy_temp,
     features=features,
+    plan=plan,
   )
   return gmm.gmm_clean_mask(
     stats["ce"],

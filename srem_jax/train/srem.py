@@ -47,6 +47,7 @@ def initial_state(run: Run):
     img_dim=data.train.feature_dim,
     caption_len=data.caption_len,
     mesh=run.mesh,
+    plan=run.plan,
   )
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   run.report.log(
@@ -155,6 +156,7 @@ def run_steps(run: Run, state, selection, record, stop: StopFlag):
               external_selection=external,
               features_on_device=run.features is not None,
               summed=True,
+              plan=run.plan,
             )
           )
         carry, step_pairs = compiled[key](carry, batch, *features)
@@ -227,7 +229,7 @@ def _end_of_epoch(run: Run, step, state, selection, record, summary, pairs):
   use_gmm = _uses_epoch_selection(config)
   if use_gmm and epoch + 1 >= tcfg.warmup_epochs and step < run.total_steps:
     selection = gmm_selection(
-      config, run.model, state, run.data, run.mesh, run.features
+      config, run.model, state, run.data, run.mesh, run.features, plan=run.plan
     )
   summary["time_passes_s"] = time.perf_counter() - start
   train_run.finish_epoch(

@@ -25,7 +25,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from srem_jax import sharding
+from srem_jax import execution, sharding
 from srem_jax.data import resident
 from srem_jax.methods import losses, readings
 from srem_jax.models.sgraf import SGRAF
@@ -53,11 +53,13 @@ def make_optimizer(train_cfg, steps_per_epoch: int) -> optax.GradientTransformat
   )
 
 
-def init_state(model, tx, *, seed, num_regions, img_dim, caption_len, mesh):
+def init_state(model, tx, *, seed, num_regions, img_dim, caption_len, mesh, plan=None):
   """Parameters created directly with a replicated sharding.
 
   The key, like every other array here, is made inside `jit`: nothing crosses
-  from the host, so this runs under `jax.transfer_guard("disallow")`.
+  from the host, so this runs under `jax.transfer_guard("disallow")`. The
+  init runs the head, so it compiles with the `plan`'s compiler options
+  (`execution.compiler_options`), as the step does.
   """
 
   def init():
@@ -82,7 +84,11 @@ def init_state(model, tx, *, seed, num_regions, img_dim, caption_len, mesh):
       rng=state_rng,
     )
 
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+  return jax.jit(
+    init,
+    out_shardings=sharding.replicated(mesh),
+    compiler_options=execution.compiler_options(plan),
+  )()
 
 
 def model_variables(state) -> dict:
@@ -273,8 +279,10 @@ def make_train_step(
   external_selection: bool,
   features_on_device: bool = False,
   summed: bool = False,
+  plan=None,
 ):
-  """jit of `train_step`: `(state, batch)`, or `(state, batch, features)`.
+  """jit of `train_step`: `(state, batch)`, or `(state, batch, features)`,
+  compiled with the execution `plan`'s compiler options (None: XLA's).
 
   The features are an argument, not a captured constant, so they are neither
   copied into the executable nor donated with the state. Every output is
@@ -309,12 +317,17 @@ def make_train_step(
     jitted = lambda state, batch, features: fn(state, batch, features)
   else:
     jitted = lambda state, batch: fn(state, batch)
-  return jax.jit(jitted, out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
+  return jax.jit(
+    jitted,
+    out_shardings=sharding.replicated(mesh),
+    donate_argnums=(0,),
+    compiler_options=execution.compiler_options(plan),
+  )
 
 
 class TimedJit:
-  """A jitted function compiled ahead of time once per argument shapes (any
-  other callable is just called); the
+  """A jitted function compiled ahead of time once per argument shapes, with
+  the jit's compiler options (any other callable is just called); the
   seconds spent compiling add up in `compile_s`, so a loop can report the
   time of its steps without their compilation."""
 
