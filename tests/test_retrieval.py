@@ -149,15 +149,36 @@ def test_device_matrix_equals_the_host_tiled_reference(setup, num_images):
 
 def test_the_same_embeddings_serve_every_epoch_without_recompiling(setup):
   config, data, model, variables, mesh = setup
+  plan = execution.resolve(config.execution)
   evaluate = evaluator.for_config(
-    config, model, data.val, mesh, execution.resolve(config.execution),
-    caption_len=data.caption_len, num_images=10,
+    config, model, data.val, mesh, plan, caption_len=data.caption_len,
+    num_images=10,
   )  # fmt: skip
   first = evaluate.run(variables)
-  misses = retrieval.eval_functions(model, mesh).score_block._cache_size()
+  score_block = retrieval.eval_functions(model, mesh, plan).score_block
+  misses = score_block._cache_size()
+  assert misses > 0  # the evaluator scores with the functions of its plan
   with jax.transfer_guard("disallow"):
     assert evaluate.run(variables) == first
-  assert retrieval.eval_functions(model, mesh).score_block._cache_size() == misses
+  assert score_block._cache_size() == misses
+
+
+def test_the_tpu_preset_s_compile_effort_scores_the_same_matrix(setup):
+  """The evaluator compiles with its plan's options (here XLA's compile
+  effort -1 on the CPU), and they change no score."""
+  config, data, model, variables, mesh = setup
+  plan = execution.resolve(config.execution)
+  tuned = plan._replace(compile_effort=-1.0)
+  sims = {}
+  for p in (plan, tuned):
+    evaluate = evaluator.for_config(
+      config, model, data.val, mesh, p, caption_len=data.caption_len,
+      num_images=10,
+    )  # fmt: skip
+    sims[p] = evaluate.run(variables, return_matrix=True)[1]
+  fns = retrieval.eval_functions(model, mesh, tuned)
+  assert all(fn._cache_size() > 0 for fn in fns)  # the evaluator's, compiled
+  np.testing.assert_array_equal(sims[tuned], sims[plan])
 
 
 @pytest.mark.parametrize("on_device", [False, True], ids=["host", "resident"])

@@ -3,12 +3,13 @@ an ensemble of them.
 
 An `Evaluator` is built once per run and split, with everything that does not
 change between calls: the model, the split, the mesh and the resolved
-execution plan (its tile sizes). `run(variables)` embeds every image and
-caption once (`srem_jax.eval.retrieval`), scores all pairs on the devices and
-ranks them with the split's protocol; `run([variables_a, variables_b])` ranks
-the mean of the members' similarity matrices, as SGRAF's and NCR's ensembles
-do. The jitted encoders and scorer are cached per (model, mesh), so calling
-it every epoch compiles nothing new.
+execution plan (its tile sizes and compiler options). `run(variables)` embeds
+every image and caption once (`srem_jax.eval.retrieval`), scores all pairs on
+the devices and ranks them with the split's protocol;
+`run([variables_a, variables_b])` ranks the mean of the members' similarity
+matrices, as SGRAF's and NCR's ensembles do. The jitted encoders and scorer
+are cached per (model, mesh, plan), so calling it every epoch compiles
+nothing new.
 
     val = evaluator.for_config(config, model, data.val, mesh, plan,
                                caption_len=40, num_images=1000)
@@ -91,6 +92,7 @@ class Evaluator:
       img_tile=self.plan.img_tile,
       cap_tile=self.plan.cap_tile,
       buckets=self.buckets,
+      plan=self.plan,
     )
     progress = PassProgress(
       f"{self.split.split} scoring",
@@ -100,7 +102,9 @@ class Evaluator:
       enabled=self.show_progress,
       delay_s=self.progress_delay_s,
     )
-    sims = retrieval.score_embedded(model, variables, emb, self.mesh, progress)
+    sims = retrieval.score_embedded(
+      model, variables, emb, self.mesh, progress, plan=self.plan
+    )
     return sims, emb.cap_to_img
 
 

@@ -20,8 +20,8 @@ evaluator (`srem_jax.eval.evaluator`) ranks what these return.
 
     emb = embed_split(model, variables, split, mesh, caption_len=40,
                       num_images=1000, batch_size=128, img_tile=128,
-                      cap_tile=256, buckets=(40,))
-    sims = score_embedded(model, variables, emb, mesh)  # (1000, 5000) float32
+                      cap_tile=256, buckets=(40,), plan=plan)
+    sims = score_embedded(model, variables, emb, mesh, plan=plan)  # (1000, 5000)
 """
 
 import functools
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from srem_jax import sharding
+from srem_jax import execution, sharding
 from srem_jax.data import pipeline
 from srem_jax.models import tiling
 from srem_jax.models.sgraf import SGRAF, CaptionEmbedding, ImageEmbedding
@@ -49,19 +49,23 @@ class Functions(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def eval_functions(model, mesh) -> Functions:
-  """Jitted encoders and block scorer, built once per (model, mesh).
+def eval_functions(model, mesh, plan=None) -> Functions:
+  """Jitted encoders and block scorer, built once per (model, mesh, plan)
+  with the execution `plan`'s compiler options (None: XLA's).
 
   Validation runs every epoch; fresh functions each time would recompile
   every epoch. Linen modules hash by their fields.
   """
   rows = sharding.data_sharding(mesh)
   full = sharding.replicated(mesh)
+  options = execution.compiler_options(plan)
   encode_images = jax.jit(
-    lambda v, x: model.apply(v, x, train=False, method=SGRAF.encode_images)
+    lambda v, x: model.apply(v, x, train=False, method=SGRAF.encode_images),
+    compiler_options=options,
   )
   encode_captions = jax.jit(
-    lambda v, t, n: model.apply(v, t, n, train=False, method=SGRAF.encode_captions)
+    lambda v, t, n: model.apply(v, t, n, train=False, method=SGRAF.encode_captions),
+    compiler_options=options,
   )
 
   def score_block(v, images, k, buckets, columns):
@@ -81,10 +85,13 @@ def eval_functions(model, mesh) -> Functions:
   return Functions(
     encode_images,
     encode_captions,
-    jax.jit(score_block, out_shardings=full),
+    jax.jit(score_block, out_shardings=full, compiler_options=options),
   )
 
 
+# The layout below only concatenates, pads, gathers and reshapes embeddings
+# (no products): it compiles in little time at XLA's default effort, so it
+# keeps one module-level jit rather than one per plan.
 @functools.partial(jax.jit, static_argnames=("count", "img_tile", "where"))
 def _image_blocks(parts, *, count, img_tile, where):
   """Encoder batches -> (blocks, img_tile, ...), the last block edge-padded."""
@@ -134,14 +141,15 @@ def _tiles(lengths, cap_tile, buckets, static_len):
 
 def embed_split(
   model, variables, split, mesh, *, caption_len, num_images, batch_size, img_tile,
-  cap_tile, buckets,
+  cap_tile, buckets, plan=None,
 ) -> Embedded:  # fmt: skip
   """Embeds the first `num_images` images and their captions, each once, in
-  batches of `batch_size` (rounded up to the devices)."""
+  batches of `batch_size` (rounded up to the devices), with encoders
+  compiled with the execution `plan`'s compiler options."""
   devices = mesh.devices.size
   batch_size = _round_up(batch_size, devices)
   pindex, pcount = jax.process_index(), jax.process_count()
-  fns = eval_functions(model, mesh)
+  fns = eval_functions(model, mesh, plan)
   images = [
     fns.encode_images(variables, sharding.global_batch(batch, mesh)["images"])
     for batch in pipeline.image_batches(
@@ -222,9 +230,12 @@ def lay_out(
   )
 
 
-def score_embedded(model, variables, emb: Embedded, mesh, progress=None) -> np.ndarray:
-  """The (images, captions) float32 matrix; one transfer per image block."""
-  score_block = eval_functions(model, mesh).score_block
+def score_embedded(
+  model, variables, emb: Embedded, mesh, progress=None, *, plan=None
+) -> np.ndarray:
+  """The (images, captions) float32 matrix; one transfer per image block,
+  scored by a jit compiled with the execution `plan`'s compiler options."""
+  score_block = eval_functions(model, mesh, plan).score_block
   full = sharding.replicated(mesh)
   blocks, img_tile = emb.images.local.shape[:2]
   sims = np.empty((emb.num_images, len(emb.cap_to_img)), np.float32)
