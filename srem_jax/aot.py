@@ -117,6 +117,8 @@ class RunPrograms:
     self.on_device = bool(config.data.features_on_device)
 
   def _state(self, tx):
+    # Shapes only, so no plan: jax refuses compiler options on a jit traced
+    # inside another (here `eval_shape` of the lambda).
     s = self.shapes
     state = jax.eval_shape(
       lambda: step.init_state(
@@ -171,6 +173,7 @@ class RunPrograms:
       fn = step.make_train_step(
         self.model, tx, step.loss_options(config.loss), self.mesh, warmup=warmup,
         external_selection=ext, features_on_device=self.on_device, summed=True,
+        plan=self.plan,
       )  # fmt: skip
       batch = self._batch(batch_size, *(("selected",) if ext else ()))
       name = f"train step {phase} b{batch_size}"
@@ -180,7 +183,9 @@ class RunPrograms:
   def _pass_program(self, name, statistic, state) -> Program:
     from srem_jax.train import selection
 
-    fn = selection.statistics_function(self.model, statistic, self.mesh, self.on_device)
+    fn = selection.statistics_function(
+      self.model, statistic, self.mesh, self.on_device, self.plan
+    )
     size = _round_up(self.config.train.batch_size, self.mesh.devices.size)
     args = (self._variables(state), self._batch(size, "mask"), *self._features())
     return Program(f"{name} b{size}", fn, args)
@@ -218,7 +223,7 @@ class RunPrograms:
       Program(
         f"ncr warm-up step b{size}",
         co_training.jit_step(
-          functools.partial(ncr_step.warmup_step, **kw), mesh
+          functools.partial(ncr_step.warmup_step, **kw), mesh, self.plan
         ).jitted,
         ((state, sums), batch, lr, *features),
       )
@@ -231,7 +236,7 @@ class RunPrograms:
       batches = {"l": labelled, **({"u": batch} if unlabelled else {})}
       name = f"ncr co-train step{' +unlabelled' if unlabelled else ''} b{size}"
       args = ((state, sums), state, batches, lr, *features)
-      out.append(Program(name, co_training.jit_step(fn, mesh).jitted, args))
+      out.append(Program(name, co_training.jit_step(fn, mesh, self.plan).jitted, args))
     statistic = ncr_step.PerSampleLoss(float(config.loss.margin))
     out.append(self._pass_program("ncr division pass", statistic, state))
     return out
@@ -243,7 +248,7 @@ class RunPrograms:
 
     s, plan, mesh = self.shapes, self.plan, self.mesh
     devices = mesh.devices.size
-    fns = retrieval.eval_functions(self.model, mesh)
+    fns = retrieval.eval_functions(self.model, mesh, plan)
     state = self._state(step.make_optimizer(self.config.train, steps_per_epoch=1000))
     variables = self._variables(state)
     size = _round_up(self.config.eval.batch_size, devices)
@@ -290,15 +295,13 @@ def _first_line(error: Exception) -> str:
   return text.splitlines()[0][:300]
 
 
-def compile_program(
-  program: Program, target: targets.Target, dtype, precision, options=None
-):
+def compile_program(program: Program, target: targets.Target, dtype, precision):
   """(row, compiled executable or None) of one program compiled for `target`
-  with the execution plan's compiler `options` (`Execution.compiler_options`)."""
+  with the compiler options its jit carries (the plan's, as in a run)."""
   row = {"program": program.name, "target": target.name, "compiled": False}
   start = time.perf_counter()
   try:
-    compiled = program.fn.lower(*program.args).compile(compiler_options=options)
+    compiled = program.fn.lower(*program.args).compile()
   except Exception as error:  # an out-of-memory or unsupported op: reported
     row.update(compile_s=time.perf_counter() - start, error=_first_line(error))
     row.update(argument_bytes=None, output_bytes=None, temp_bytes=None, fits=False)
@@ -375,9 +378,7 @@ def run(
   for program in RunPrograms(config, mesh, plan, shapes).all():
     if only not in program.name:
       continue
-    row, compiled = compile_program(
-      program, target, dtype, precision, plan.compiler_options()
-    )
+    row, compiled = compile_program(program, target, dtype, precision)
     rows.append(row)
     if hlo_dir and compiled is not None:
       os.makedirs(hlo_dir, exist_ok=True)
