@@ -33,9 +33,10 @@ class Preset:
   sized_for_bytes: float  # device memory the sizes above were chosen for
   why: str
   # XLA's exec_time_optimization_effort, in [-1, 1]; 0 is XLA's default
-  # (`compiler_options`). `python -m srem_jax.aot` compiles with it; the
-  # training and evaluation jits do not pass it yet, so a run there takes it
-  # from JAX_EXEC_TIME_OPTIMIZATION_EFFORT.
+  # (`compiler_options`). Every program a run compiles (train, init,
+  # selection and NCR steps, encoders, scorer) and `python -m srem_jax.aot`
+  # compile with it; only evaluation's layout glue, which has no products,
+  # compiles at XLA's default.
   compile_effort: float = 0.0
 
 
