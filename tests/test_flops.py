@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from srem_jax.compile.flops import dot_general_flops, matmul_flops
+from srem_jax.compile.flops import count_jaxpr, dot_general_flops, matmul_flops
 
 X = jax.ShapeDtypeStruct((6, 5), jnp.float32)
 W = jax.ShapeDtypeStruct((5, 7), jnp.float32)
@@ -54,6 +54,20 @@ def test_a_switch_counts_its_largest_branch():
   # branch 1: (6,5)x(5,7), (6,7)x(7,5), (6,5)x(5,7)
   count = matmul_flops(f, jnp.int32(0), X, W)
   assert count.flops == 3 * MATMUL
+
+
+def test_count_jaxpr_counts_the_branch_picked():
+  branches = [lambda x, w: x @ w, lambda x, w: x @ w @ w.T @ w]
+  f = jax.jit(lambda i, x, w: jax.lax.switch(i, branches, x, w))
+  closed = f.trace(jnp.int32(0), X, W).jaxpr
+  assert count_jaxpr(closed, pick=lambda counts: counts[0]).flops == MATMUL
+  assert count_jaxpr(closed).flops == 3 * MATMUL
+
+
+def test_a_jit_with_compiler_options_is_counted():
+  # make_jaxpr would trace it inside another trace, which jax refuses.
+  f = jax.jit(lambda x, w: x @ w, compiler_options={"xla_embed_ir_in_executable": True})
+  assert matmul_flops(f, X, W).flops == MATMUL
 
 
 def test_the_gradient_holds_the_backward_products():

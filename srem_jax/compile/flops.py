@@ -6,15 +6,17 @@ by the trip counts. The jaxpr says the trip count of each `scan`: this counts
 `2 * batch * free * free * contracted` FLOPs per `dot_general`, multiplies a
 scan body's count by its length, takes the largest branch of a `cond` (an
 upper bound where branches differ: `by_length`'s switch picks a caption
-bucket at run time), multiplies a `shard_map` body (one device's share) by
-the devices it runs on, and counts a `while` body once (trip count unknown;
-reported). Elementwise work is left out: the matmuls dominate SGRAF, and they
-are what a chip's peak rate speaks of. Differentiated programs hold their
+bucket at run time; `count_jaxpr(..., pick=)` chooses a branch instead),
+multiplies a `shard_map` body (one device's share) by the devices it runs
+on, and counts a `while` body once (trip count unknown; reported).
+Elementwise work is left out: the matmuls dominate SGRAF, and they are what a
+chip's peak rate speaks of. Differentiated programs hold their
 backward pass and any rematerialised forward as ordinary equations, so both
 are counted.
 
     count = matmul_flops(jax.jit(f), x, y)  # abstract or concrete arguments
     count.flops, count.while_loops
+    count_jaxpr(jax.jit(f).trace(x, y).jaxpr, pick=lambda branches: branches[0])
 """
 
 import dataclasses
@@ -55,7 +57,7 @@ def _jaxprs(value):
   return []
 
 
-def _count(jaxpr) -> tuple[float, int]:
+def _count(jaxpr, pick=max) -> tuple[float, int]:
   flops, whiles = 0.0, 0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
@@ -64,12 +66,12 @@ def _count(jaxpr) -> tuple[float, int]:
       flops += dot_general_flops(lhs, rhs, eqn.params["dimension_numbers"])
       continue
     if name == "cond":
-      counts = [_count(j) for j in _jaxprs(eqn.params["branches"])]
-      flops += max(c[0] for c in counts)
+      counts = [_count(j, pick) for j in _jaxprs(eqn.params["branches"])]
+      flops += pick([c[0] for c in counts])
       whiles += max(c[1] for c in counts)
       continue
     if name == "while":
-      inner = _count(eqn.params["body_jaxpr"].jaxpr)
+      inner = _count(eqn.params["body_jaxpr"].jaxpr, pick)
       flops, whiles = flops + inner[0], whiles + inner[1] + 1
       continue
     times = 1
@@ -80,13 +82,22 @@ def _count(jaxpr) -> tuple[float, int]:
       times = math.prod(shape[a] for a in eqn.params["newly_manual_axes"])
     for value in eqn.params.values():
       for sub in _jaxprs(value):
-        inner = _count(sub)
+        inner = _count(sub, pick)
         flops, whiles = flops + times * inner[0], whiles + inner[1]
   return flops, whiles
 
 
+def count_jaxpr(closed, pick=max) -> Count:
+  """Matmul FLOPs of a (closed) jaxpr; a `cond` counts `pick(its branches'
+  FLOPs)`, by default the largest."""
+  flops, whiles = _count(getattr(closed, "jaxpr", closed), pick)
+  return Count(flops, whiles)
+
+
 def matmul_flops(fn, *args, **kwargs) -> Count:
   """Matmul FLOPs of `fn(*args, **kwargs)` over all devices (`Count`)."""
-  closed = jax.make_jaxpr(fn)(*args, **kwargs)
-  flops, whiles = _count(closed.jaxpr)
-  return Count(flops, whiles)
+  if hasattr(fn, "trace"):
+    # A jit traced at top level: `make_jaxpr` would trace it nested, which
+    # jax refuses for a jit that carries compiler options.
+    return count_jaxpr(fn.trace(*args, **kwargs).jaxpr)
+  return count_jaxpr(jax.make_jaxpr(fn)(*args, **kwargs))
