@@ -15,6 +15,9 @@ dimensions (36 x 2048 regions, E 1024, words 300, sim 256, SGR, 3 steps):
 - the COCO 5K 5,000 x 25,000 matrix: the first row of tiles (or the first
   `--coco_tiles` tiles) timed and extrapolated to the whole matrix by the tile
   count (labelled so);
+- the prediction of each figure above (`accelerator_prediction.py`, from
+  `srem_jax.compile.predict`): the same programs' matmul FLOPs over the
+  device's peak rate, a compute-bound lower bound beside each measurement;
 - peak device memory: `memory_stats()` after each part (the allocator's peak
   so far: it cannot be reset between parts; None on the CPU);
 - `benchmarks/torch_reference.py` on the same GPU (`--device=cuda`, in its
@@ -69,6 +72,7 @@ import bench_eval  # noqa: E402
 import jax  # noqa: E402
 import measure  # noqa: E402
 import numpy as np  # noqa: E402
+from accelerator_prediction import part_prediction  # noqa: E402
 from accelerator_reference import part_agreement, part_reference, reference_device  # noqa: E402
 from accelerator_report import TARGETS, write  # noqa: E402
 
@@ -267,6 +271,7 @@ def part_encoders(sizes, model_kw):
 PARTS = (
   "reference_train_step",
   "reference_scoring",
+  "prediction",
   "train_step_float32",
   "train_step_bfloat16",
   "f30k_scoring",
@@ -278,7 +283,8 @@ PARTS = (
 JAX_PARTS = {p for p in PARTS if not p.startswith("reference")}
 
 
-def _part_functions(sizes, model_kw, tiles, ref_device, smoke, deadline):
+def _part_functions(sizes, plan, tiles, ref_device, smoke, deadline):
+  model_kw = plan.model_kwargs() if plan else {}
   remaining = lambda: max(30.0, deadline - time.perf_counter())
   return {
     "reference_train_step": lambda: part_reference(
@@ -287,6 +293,7 @@ def _part_functions(sizes, model_kw, tiles, ref_device, smoke, deadline):
     "reference_scoring": lambda: part_reference(
       "eval", sizes, ref_device, remaining(), smoke
     ),
+    "prediction": lambda: part_prediction(sizes, plan, tiles),
     "train_step_float32": lambda: part_train_step(sizes, model_kw, "float32"),
     "train_step_bfloat16": lambda: part_train_step(sizes, model_kw, "bfloat16"),
     "f30k_scoring": lambda: part_scoring(sizes, model_kw, tiles, sizes.f30k),
@@ -383,9 +390,8 @@ def main(argv=None) -> dict:
       results["meta"]["device_kind"] = measure.device_kind()
       results["meta"]["devices"] = [str(d) for d in jax.devices()]
     plan = plan_holder.get("plan")
-    model_kw = plan.model_kwargs() if plan else {}
     tiles = sizes.tiles or ((plan.img_tile, plan.cap_tile) if plan else None)
-    return _part_functions(sizes, model_kw, tiles, ref_device, args.smoke, deadline)
+    return _part_functions(sizes, plan, tiles, ref_device, args.smoke, deadline)
 
   for name in selected:
     if time.perf_counter() > deadline:

@@ -1,5 +1,6 @@
 """The summary and Markdown table of a benchmarks/accelerator.py run, and the
-targets it is read against."""
+targets it is read against; beside each measured figure, its prediction
+(accelerator_prediction.py: a compute-bound lower bound)."""
 
 import json
 import math
@@ -71,6 +72,21 @@ def _meets(key, value, smoke, timing=True) -> str:
   return "yes" if (value <= bound if op == "<=" else value >= bound) else "NO"
 
 
+def _predicted(parts, key) -> str:
+  """The prediction part's figure for `key`: at least this long (FLOPs at
+  peak), or the FLOPs alone where the device's peak is unknown."""
+  figure = ((_ok(parts, "prediction") or {}).get("figures") or {}).get(key)
+  if not figure:
+    return "-"
+  n = figure["flops"]
+  flops = f"{n / 1e12:,.3g} TFLOP" if n >= 1e12 else f"{n / 1e9:,.3g} GFLOP"
+  if figure["seconds"] is None:
+    return f"{flops} (no peak known for this device)"
+  seconds = figure["seconds"]
+  time = f"{1e3 * seconds:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+  return f"≥ {time} ({flops})"
+
+
 def _one_line(error: str) -> str:
   """An error's first and last lines (a subprocess's ends with its exception)."""
   lines = [x.strip() for x in error.strip().splitlines() if x.strip()] or [""]
@@ -84,17 +100,19 @@ def markdown(results) -> str:
   smoke, sizes = meta["smoke"], meta["sizes"]
   rows = []
 
-  def row(what, needs, text, key=None, value=None, timing=True):
-    """`text(results of needs...)` if every part in `needs` ran, else why not."""
+  def row(what, needs, text, key=None, value=None, timing=True, predicted=None):
+    """`text(results of needs...)` if every part in `needs` ran, else why not;
+    beside it the prediction `predicted` names."""
+    guess = _predicted(parts, predicted) if predicted else "-"
     for name in needs:
       part = parts.get(name)
       if not part or part["status"] != "ok":
         why = "not run" if not part else f"{part['status']}: {_one_line(part['error'])}"
-        rows.append((what, f"{name} {why}", _target(key) if key else "-", "-"))
+        rows.append((what, f"{name} {why}", guess, _target(key) if key else "-", "-"))
         return
     result = text(*(parts[n]["result"] for n in needs))
     meets = _meets(key, value, smoke, timing) if key else "-"
-    rows.append((what, result, _target(key) if key else "-", meets))
+    rows.append((what, result, guess, _target(key) if key else "-", meets))
 
   batch, length = sizes["batch"], sizes["caption_len"]
   labels = {"float32": "fp32", "bfloat16": "bf16",
@@ -106,17 +124,20 @@ def markdown(results) -> str:
       lambda r: f"{1e3 * r['step_s']:.1f} ms ({r['pairs_per_s']:,.0f} pairs/s)",
       "train_step_ms",
       s.get(f"train_step_{dtype}_ms"),
+      predicted=f"train_step_{dtype}",
     )
   n_img, n_cap = sizes["f30k"]
   row(
     f"F30K {n_img:,} x {n_cap:,} SGR scoring (encoders excluded)",
     ["f30k_scoring"],
     lambda r: f"{r['full_matrix_s']:.3g} s ({r['pairs_per_s']:,.0f} pairs/s)",
+    predicted="f30k_scoring",
   )
   row(
     f"F30K encoders ({n_img:,} images + {n_cap:,} captions, host to host)",
     ["f30k_encoders"],
     lambda r: f"{r['pass_s']:.3g} s",
+    predicted="f30k_encoders",
   )
   row(
     "F30K end to end (encoders + scoring)",
@@ -124,6 +145,7 @@ def markdown(results) -> str:
     lambda a, b: f"{a['full_matrix_s'] + b['pass_s']:.3g} s",
     "f30k_s",
     s.get("f30k_end_to_end_s"),
+    predicted="f30k_end_to_end",
   )
   n_img, n_cap = sizes["coco"]
   row(
@@ -140,6 +162,7 @@ def markdown(results) -> str:
     ),
     "coco_s",
     s.get("coco_full_matrix_s"),
+    predicted="coco_scoring",
   )
   row(
     "Reference (PyTorch) train step fp32",
@@ -198,6 +221,7 @@ def markdown(results) -> str:
     f"{peak / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB" if peak else "not reported",
     "-",
     "-",
+    "-",
   ))  # fmt: skip
   scope = "SMOKE: tiny sizes on the CPU; the targets are for paper sizes on an H200" \
     if smoke else "paper dims"  # fmt: skip
@@ -205,12 +229,22 @@ def markdown(results) -> str:
     f"Device {meta['device_kind']}; jax {meta['jax']}; torch {meta['torch']}; {scope}.",
     f"Execution: {meta['plan']}.",
     f"Wall time {meta.get('wall_s', 0):.0f} s.",
+    f"Predicted: {_prediction_note(parts)}.",
     "",
-    "| What | Result | Target (H200) | Meets |",
-    "|---|---|---|---|",
+    "| What | Result | Predicted (lower bound) | Target (H200) | Meets |",
+    "|---|---|---|---|---|",
   ]
-  lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+  lines += [f"| {' | '.join(cells)} |" for cells in rows]
   return "\n".join(lines) + "\n"
+
+
+def _prediction_note(parts) -> str:
+  part = parts.get("prediction")
+  if not part or part["status"] != "ok":
+    return "not run" if not part else f"{part['status']}: {_one_line(part['error'])}"
+  r = part["result"]
+  where = f"target {r['target']}" if r["target"] else "no target for this device"
+  return f"{r['what']} ({r['device_kind']}: {where})"
 
 
 def _finite(x):

@@ -110,13 +110,37 @@ def test_table_has_a_row_per_figure_and_the_targets(smoke):
   returned, results, table = smoke
   assert returned["summary"] == results["summary"]
   rows = [line for line in table.splitlines() if line.startswith("| ")]
-  assert rows[0] == "| What | Result | Target (H200) | Meets |"
+  assert rows[0] == "| What | Result | Predicted (lower bound) | Target (H200) | Meets |"
   assert len(rows) == 1 + 16
   assert "≤ 40 ms" in table and "≤ 3 s" in table and "≤ 30 s" in table
   assert "≥ 10x" in table and "≤ 0.0001" in table
   if HAVE_TORCH:
     assert "failed" not in table and "not run" not in table
     assert table.count("| yes |") == 2  # the score errors; timings are n/a here
+
+
+def test_each_timed_figure_has_its_prediction_beside_it(smoke):
+  _, results, table = smoke
+  prediction = results["parts"]["prediction"]["result"]
+  # The CPU has no peak among the targets: FLOPs only.
+  assert prediction["target"] is None
+  figures = prediction["figures"]
+  for name in ("train_step_float32", "f30k_scoring", "f30k_encoders", "coco_scoring"):
+    assert figures[name]["flops"] > 0 and figures[name]["seconds"] is None
+  # Scoring and the encoders are the end-to-end figure; bf16 does the same work.
+  end_to_end = figures["f30k_scoring"]["flops"] + figures["f30k_encoders"]["flops"]
+  assert figures["f30k_end_to_end"]["flops"] == end_to_end
+  assert figures["train_step_bfloat16"]["flops"] == figures["train_step_float32"]["flops"]
+  assert table.count("(no peak known for this device)") == 7
+  assert "Predicted: compute-bound lower bounds" in table
+
+
+def test_a_prediction_on_a_known_device_is_a_time_at_its_peak():
+  report = load_benchmark("accelerator_report")
+  figure = {"flops": 2.68e12, "seconds": 2.68e12 / 67e12}  # H200 fp32: 40 ms
+  parts = {"prediction": {"status": "ok", "result": {"figures": {"step": figure}}}}
+  assert report._predicted(parts, "step") == "≥ 40 ms (2.68 TFLOP)"
+  assert report._predicted(parts, "other") == "-" == report._predicted({}, "step")
 
 
 def test_a_failing_part_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
