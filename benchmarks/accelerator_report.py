@@ -7,7 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
-# The targets for one H200, each (comparison, bound).
+# The targets for one H200, each (comparison, bound).
 TARGETS = {
   "train_step_ms": ("<=", 40.0),
   "f30k_s": ("<=", 3.0),

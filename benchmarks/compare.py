@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OURS = [sys.executable, str(Path(__file__).with_name("bench.py"))]
 REFERENCE = [sys.executable, str(ROOT / "benchmarks" / "torch_reference.py")]
-TARGETS = {  # the ratios to the reference
+TARGETS = {  # the aimed-for ratios to the reference
   ("train_step", "float32"): 2.0,
   ("eval", "float32"): 1.5,
   ("train_step", "bfloat16"): 3.0,
