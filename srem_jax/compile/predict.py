@@ -54,9 +54,8 @@ from srem_jax.methods import readings
 CAPTIONS_PER_IMAGE = 5
 # Images of the (dev, test) splits: Karpathy's Flickr30K, COCO's dev and testall.
 SPLIT_IMAGES = {"f30k_precomp": (1014, 1000), "coco_precomp": (5000, 5000)}
-# Published PyTorch figures (SGR, one GPU), the targets quote them: the
-# Flickr30K 1,000 x 5,000 test matrix in 35 s and ~0.55 s per step at batch
-# 128; neither that issue nor SPEC.md names their GPU.
+# Published PyTorch figures (SGR, one GPU): the Flickr30K 1,000 x 5,000 test
+# matrix in 35 s and ~0.55 s per step at batch 128; their GPU is not named.
 PUBLISHED_STEP_S, PUBLISHED_F30K_MATRIX_S = 0.55, 35.0
 
 
