@@ -181,17 +181,31 @@ def test_the_tpu_preset_s_compile_effort_scores_the_same_matrix(setup):
   np.testing.assert_array_equal(sims[tuned], sims[plan])
 
 
-@pytest.mark.parametrize("on_device", [False, True], ids=["host", "resident"])
-def test_selection_statistics_equal_the_per_batch_reference(setup, on_device):
+@pytest.fixture(scope="module")
+def expected_statistics(setup):
+  """The reference statistics at the config's tau and energy temperature,
+  computed once for the tests that compare against them."""
   config, data, model, variables, mesh = setup
-  expected = reference_statistics(model, variables, data, config, mesh, 0.05, 1.0)
+  loss = config.loss
+  return reference_statistics(
+    model, variables, data, config, mesh, loss.tau, loss.energy_temp
+  )
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "resident"])
+def test_selection_statistics_equal_the_per_batch_reference(
+  setup, expected_statistics, on_device
+):
+  config, data, model, variables, mesh = setup
+  expected = expected_statistics
   features = None
   if on_device:
     features = resident.resident_features(data.train, mesh, "float32", print)
   with jax.transfer_guard("disallow"):
     stats = selection.pair_statistics(
-      model, variables, data, config, mesh, tau=0.05, temp=1.0, features=features
-    )
+      model, variables, data, config, mesh, tau=config.loss.tau,
+      temp=config.loss.energy_temp, features=features,
+    )  # fmt: skip
   assert set(stats) == set(expected)
   for key in expected:
     # The batch and its program are the reference's: bit for bit.
@@ -199,12 +213,10 @@ def test_selection_statistics_equal_the_per_batch_reference(setup, on_device):
   assert np.all(stats["ce"] > 0)  # every caption was written
 
 
-def test_gmm_selection_splits_the_statistics_pass(setup):
+def test_gmm_selection_splits_the_statistics_pass(setup, expected_statistics):
   config, data, model, variables, mesh = setup
   state = types.SimpleNamespace(**variables)
-  expected = reference_statistics(
-    model, variables, data, config, mesh, config.loss.tau, config.loss.energy_temp
-  )
+  expected = expected_statistics
   loss = config.loss
   clean = gmm.gmm_clean_mask(
     expected["ce"], expected["energy"], iters=loss.gmm_iters, tol=loss.gmm_tol,
