@@ -16,7 +16,7 @@ dimensions (36 x 2048 regions, E 1024, words 300, sim 256, SGR, 3 steps):
   `--coco_tiles` tiles) timed and extrapolated to the whole matrix by the tile
   count (labelled so);
 - the prediction of each figure above (`accelerator_prediction.py`, from
-  `srem_jax.compile.predict`): the same programs' matmul FLOPs over the
+  `srem_jax.predict`): the same programs' matmul FLOPs over the
   device's peak rate, a compute-bound lower bound beside each measurement;
 - peak device memory: `memory_stats()` after each part (the allocator's peak
   so far: it cannot be reset between parts; None on the CPU);

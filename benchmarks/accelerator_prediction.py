@@ -1,6 +1,6 @@
 """What a benchmarks/accelerator.py run should take at least, before it measures.
 
-`srem_jax.compile.predict` at the sizes the other parts time: matmul FLOPs of
+`srem_jax.predict` at the sizes the other parts time: matmul FLOPs of
 the same programs (traced, not compiled) and, where `predict.target_for`
 knows the device, seconds at its peak matmul rate for each part's dtype and
 precision: compute-bound lower bounds, printed beside each measured figure so
@@ -12,8 +12,7 @@ import measure
 import numpy as np
 
 from configs import base
-from srem_jax import aot
-from srem_jax.compile import predict
+from srem_jax import aot, predict
 from srem_jax.compile.caption_lengths import sorted_lengths
 from srem_jax.compile.shapes import DataShapes
 

@@ -1,4 +1,4 @@
-"""Predicted run times (`srem_jax.compile.predict`) against hand counts.
+"""Predicted run times (`srem_jax.predict`) against hand counts.
 
 The bucket weights against fractions worked out by hand and a brute-force
 enumeration, the matrix FLOPs against the scorer and encoders counted tile by
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from configs import base, demo
-from srem_jax import aot, execution, padding
-from srem_jax.compile import caption_lengths, predict
+from srem_jax import aot, execution, padding, predict
+from srem_jax.compile import caption_lengths
 from srem_jax.compile.flops import matmul_flops
 from srem_jax.compile.shapes import DataShapes
 from srem_jax.models.dims import TINY_DIMS, make_model

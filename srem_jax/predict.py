@@ -1,6 +1,6 @@
 """Predicted run times on an accelerator, from the run's programs' matmul FLOPs.
 
-Owns `python -m srem_jax.compile.predict`: for a config and targets
+Owns `python -m srem_jax.predict`: for a config and targets
 (`targets.TARGETS`) it traces the programs a run there builds
 (`aot.RunPrograms` with the execution sizes the target resolves: the train
 step per caption bucket, the encoders, the scorer tile), counts their matmul
@@ -11,7 +11,7 @@ Each time is a compute-bound lower bound: every matmul FLOP at peak, with no
 memory traffic, elementwise work, communication or host time. Tracing needs
 a jax device per chip (the command asks for 8 host devices).
 
-    python -m srem_jax.compile.predict --config=configs/flickr.py --targets=h200,v5e-8,v4-8
+    python -m srem_jax.predict --config=configs/flickr.py --targets=h200,v5e-8,v4-8
 
 Caption buckets: a training batch is padded to the bucket of its longest
 caption (`padding`), and the SGR head cuts each group of `length_group`
