@@ -60,8 +60,7 @@ def group_branches(lengths, group: int, padded: int) -> list[int]:
   """The branch of `bucket_lengths(padded)` each run of `group` ascending
   `lengths` takes: its longest caption's bucket."""
   grid = padding.bucket_lengths(padded)
-  ends = [min(start + group, len(lengths)) - 1 for start in range(0, len(lengths), group)]
-  return [grid.index(padding.padded_length(int(lengths[e]), grid)) for e in ends]
+  return [grid.index(n) for n in padding.tile_lengths(lengths, group, grid)]
 
 
 def bucket_weights(histogram, batch: int, group: int, grid) -> np.ndarray:
