@@ -133,7 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Sizes left at 0 / "" come from the preset; none of them changes the result.
   c.execution = ml_collections.ConfigDict()
   c.execution.preset = (
-    "auto"  # auto (from the backend) | cpu | gpu (H200-class) | tpu (16 GB)
+    "auto"  # auto (from the backend) | cpu | gpu (24 GB and up) | tpu (16 GB)
   )
   c.execution.matmul_precision = (
     "highest"  # highest (exact fp32) | high | default (TF32 / 1-pass bf16)

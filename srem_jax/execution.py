@@ -1,7 +1,7 @@
 """How the model's computation is laid out on the hardware, apart from the model.
 
 Owns the execution presets (`PRESETS`: scan chunk sizes, rematerialisation,
-all-pairs evaluation tiles and XLA's compile effort for CPUs, H200-class GPUs
+all-pairs evaluation tiles and XLA's compile effort for CPUs, data-centre GPUs
 and 16-32 GB TPU chips),
 the matmul precisions (`PRECISIONS`) and `resolve`, which turns
 `config.execution` into concrete sizes for the device at hand: with
@@ -65,9 +65,14 @@ PRESETS = {
     length_group=32,
     img_tile=1024,
     cap_tile=1024,
-    # jax's GPU allocator takes 75% of the memory by default: 105 GiB of an H200.
-    sized_for_bytes=96 * GIB,
-    why="few, large scan steps for an H200-class GPU (141 GB)",
+    # Compiled for an H200 at F30K's sizes (batch 128, 77-token captions),
+    # the train step needs 5.1 GB and the scorer tile 7.3 GB; img_chunk 64 /
+    # 128 would need 5.9 / 8.5 GB and 2048-square tiles 14.6 GB (peaks)
+    # (benchmarks/RESULTS.md). Memory does not bound these sizes on any
+    # current data-centre GPU, so a device keeps them from 24 GiB up (an
+    # H100's 60 usable GiB, an A100's 30) and scales them down below.
+    sized_for_bytes=24 * GIB,
+    why="few, large scan steps for a data-centre GPU (24 GB or more)",
   ),
   "tpu": Preset(
     img_chunk=8,

@@ -216,7 +216,7 @@ def test_auto_preset_follows_the_backend_and_says_why():
 
 
 def test_smaller_device_gets_smaller_chunks_and_overrides_win():
-  small = execution.resolve(None, _Device("gpu", 40 * execution.GIB))
+  small = execution.resolve(None, _Device("gpu", 10 * execution.GIB))
   full = execution.PRESETS["gpu"]
   assert small.img_chunk < full.img_chunk and small.img_tile < full.img_tile
   assert "scaled by 0.42" in small.reason

@@ -185,8 +185,8 @@ def test_each_target_resolves_the_sizes_a_run_there_would():
   )
   h200, h100, v5e = plan("h200"), plan("h100"), plan("v5e-1")
   assert (h200.preset, h200.img_chunk, h200.img_tile) == ("gpu", 32, 1024)
-  # An H100 offers 60 of the 96 GiB the gpu preset was sized for.
-  assert (h100.preset, h100.img_chunk, h100.img_tile) == ("gpu", 16, 512)
+  # An H100's 60 usable GiB are more than the gpu preset was sized for.
+  assert (h100.preset, h100.img_chunk, h100.img_tile) == ("gpu", 32, 1024)
   assert (v5e.preset, v5e.img_chunk) == ("tpu", 8)
 
 
