@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   # SREM's reading of the paper (srem_jax/methods/readings.py, docs/method.md); the six
   # component fields below take its values when left at "", and
   # warmup_triplet_weight when -1.
-  c.loss.reading = "r8"  # r0 ... r8 (docs/method.md, Default reading)
+  c.loss.reading = "r9"  # r0 ... r9 (docs/method.md, Default reading)
   # warm-up on every pair: ccl | triplet_mean | ccl+triplet_mean | ccl+anchor_triplet_mean
   c.loss.warmup = ""
   c.loss.warmup_triplet_weight = -1.0  # the warm-up triplet's weight beside ccl; -1 = the reading's

@@ -176,7 +176,7 @@ def test_every_reading_is_a_valid_config_and_trains(reading):
 
 @pytest.mark.parametrize(
   "field,value",
-  [("reading", "r9"), ("warmup", "mean"), ("clean_loss", "nce"), ("entropy_use", "w")],
+  [("reading", "r10"), ("warmup", "mean"), ("clean_loss", "nce"), ("entropy_use", "w")],
 )
 def test_bad_reading_config_names_the_field(field, value):
   cfg = base.get_config().loss.to_dict()

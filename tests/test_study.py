@@ -276,7 +276,7 @@ def test_tiny_study_writes_table_and_figures_and_resumes(tmp_path):
   "args, message",
   [
     (["--methods=srem,nope"], "--methods: expected some of srem"),
-    (["--out=o", "--readings=r1,r9"], "--readings: expected some of r0"),
+    (["--out=o", "--readings=r1,r10"], "--readings: expected some of r0"),
     (["--out=o", "--ratios=0,1.2"], "--ratios: ratios must lie in"),
     ([], "--out is required"),
   ],

@@ -143,6 +143,17 @@ READINGS = {
     clean_reduction="mean",
     entropy_use="weight",
   ),
+  # r8's selected-pair phase after the complementary loss alone: with a
+  # warm-up long enough to leave the initial plateau on its own, any triplet
+  # beside it slows the climb that follows.
+  "r9": dict(
+    warmup="ccl",
+    selection="batch",
+    clean_loss="ce",
+    clean_negatives="hardest",
+    clean_reduction="mean",
+    entropy_use="weight",
+  ),
 }
 
 
