@@ -67,8 +67,8 @@ PRESETS = {
     cap_tile=1024,
     # Compiled for an H200 at F30K's sizes (batch 128, 77-token captions),
     # the train step needs 5.1 GB and the scorer tile 7.3 GB; img_chunk 64 /
-    # 128 would need 5.9 / 8.5 GB and 2048-square tiles 14.6 GB (peaks)
-    # (benchmarks/RESULTS.md). Memory does not bound these sizes on any
+    # 128 would need 5.9 / 8.5 GB and 2048-square tiles 14.6 GB, all peaks
+    # from benchmarks/RESULTS.md. Memory does not bound these sizes on any
     # current data-centre GPU, so a device keeps them from 24 GiB up (an
     # H100's 60 usable GiB, an A100's 30) and scales them down below.
     sized_for_bytes=24 * GIB,

@@ -143,9 +143,9 @@ READINGS = {
     clean_reduction="mean",
     entropy_use="weight",
   ),
-  # r8's selected-pair phase after the complementary loss alone: with a
-  # warm-up long enough to leave the initial plateau on its own, any triplet
-  # beside it slows the climb that follows.
+  # r8's selected-pair phase after the complementary loss alone: given a
+  # warm-up long enough to leave the initial plateau on its own, r8's tenth
+  # of a triplet slowed the climb after it at caption 40% (docs/study/v5).
   "r9": dict(
     warmup="ccl",
     selection="batch",
