@@ -145,7 +145,8 @@ READINGS = {
   ),
   # r8's selected-pair phase after the complementary loss alone: given a
   # warm-up long enough to leave the initial plateau on its own, r8's tenth
-  # of a triplet slowed the climb after it at caption 40% (docs/study/v5).
+  # of a triplet slowed the climb after it at caption 40%, though it raised
+  # the warm-up at 60% (docs/study/v5).
   "r9": dict(
     warmup="ccl",
     selection="batch",
